@@ -1,0 +1,9 @@
+//! The Switchyard hub: a Raft-replicated control plane.
+//!
+//! - [`state`]: the deterministic state machine (pure).
+//! - [`raft`]: openraft type configuration, wire conversions, network.
+//! - [`store`]: durable log and snapshots in redb, behind a crashable backend.
+
+pub mod raft;
+pub mod state;
+pub mod store;

@@ -1,0 +1,1 @@
+//! openraft glue.

@@ -1,0 +1,1 @@
+//! Process tests live in tests/.

@@ -22,28 +22,216 @@ pub fn result_err(index: u64, code: ErrorCode, message: impl Into<String>) -> pb
     }
 }
 
+/// Whether `name` can be a POP name: a DNS label (it appears in DNS names
+/// and SPIFFE IDs), lowercase.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
 impl State {
-    /// Applies the command committed at `index`. Deterministic.
+    /// Applies the command committed at `index`. Deterministic: the result
+    /// depends only on the state, `index` and `cmd`.
     pub fn apply(&mut self, index: u64, cmd: &pb::Command) -> pb::CommandResult {
         let Some(kind) = &cmd.kind else {
             return result_err(index, ErrorCode::Invalid, "empty command");
         };
+        if self.federation.is_none() && !matches!(kind, Kind::InitFederation(_)) {
+            return result_err(
+                index,
+                ErrorCode::NotInitialized,
+                "the federation is not initialised yet",
+            );
+        }
         match kind {
             Kind::InitFederation(c) => self.init_federation(index, c),
-            _ => result_err(index, ErrorCode::Invalid, "not yet implemented"),
+            Kind::UpsertPop(c) => self.upsert_pop(index, c),
+            Kind::RemovePop(c) => match self.pops.remove(&c.name) {
+                Some(_) => result_ok(index),
+                None => result_err(index, ErrorCode::NotFound, format!("no POP named {}", c.name)),
+            },
+            Kind::IssueToken(c) => self.issue_token(index, c),
+            Kind::ConsumeToken(c) => self.consume_token(index, c),
+            Kind::SetPolicy(c) => self.set_policy(index, c),
+            Kind::DeletePolicy(c) => {
+                let key = service_key(c.service.as_ref());
+                match self.policies.remove(&key) {
+                    Some(_) => result_ok(index),
+                    None => result_err(
+                        index,
+                        ErrorCode::NotFound,
+                        format!("no policy for {}/{}", key.0, key.1),
+                    ),
+                }
+            }
+            Kind::AddRevocation(c) => match &c.revocation {
+                Some(r) if !r.subject.is_empty() => {
+                    self.revocations
+                        .entry((r.kind, r.subject.clone()))
+                        .or_insert_with(|| r.clone());
+                    result_ok(index)
+                }
+                _ => result_err(index, ErrorCode::Invalid, "revocation needs a subject"),
+            },
         }
     }
 
     fn init_federation(&mut self, index: u64, c: &pb::InitFederation) -> pb::CommandResult {
         if self.federation.is_some() {
-            return result_err(index, ErrorCode::AlreadyExists, "federation already initialised");
+            return result_err(
+                index,
+                ErrorCode::AlreadyExists,
+                "federation already initialised",
+            );
         }
         match &c.federation {
-            Some(f) => {
+            Some(f) if !f.domain.is_empty() && !f.ca_cert_pem.is_empty() => {
                 self.federation = Some(f.clone());
                 result_ok(index)
             }
-            None => result_err(index, ErrorCode::Invalid, "federation missing"),
+            _ => result_err(index, ErrorCode::Invalid, "federation needs a domain and a CA"),
         }
     }
+
+    fn upsert_pop(&mut self, index: u64, c: &pb::UpsertPop) -> pb::CommandResult {
+        let Some(pop) = &c.pop else {
+            return result_err(index, ErrorCode::Invalid, "POP missing");
+        };
+        if !valid_name(&pop.name) {
+            return result_err(
+                index,
+                ErrorCode::Invalid,
+                format!(
+                    "POP name {:?} is not a DNS label (a-z, 0-9, '-', at most 63)",
+                    pop.name
+                ),
+            );
+        }
+        let mut record = pop.clone();
+        record.updated_index = index;
+        match self.pops.get(&pop.name) {
+            Some(_) if c.create_only => {
+                return result_err(
+                    index,
+                    ErrorCode::AlreadyExists,
+                    format!("POP {} already exists", pop.name),
+                )
+            }
+            Some(old) => {
+                record.created_index = old.created_index;
+                record.created_at_ms = old.created_at_ms;
+            }
+            None => {
+                record.created_index = index;
+                record.created_at_ms = c.now_ms;
+            }
+        }
+        self.pops.insert(record.name.clone(), record);
+        result_ok(index)
+    }
+
+    fn issue_token(&mut self, index: u64, c: &pb::IssueToken) -> pb::CommandResult {
+        let Some(t) = &c.token else {
+            return result_err(index, ErrorCode::Invalid, "token missing");
+        };
+        if t.id.is_empty() || t.secret_sha256.len() != 64 {
+            return result_err(index, ErrorCode::Invalid, "token needs an id and a SHA-256");
+        }
+        if t.kind == pb::TokenKind::Pop as i32 && !valid_name(&t.pop) {
+            return result_err(
+                index,
+                ErrorCode::Invalid,
+                format!("POP name {:?} is not a DNS label", t.pop),
+            );
+        }
+        if self.tokens.contains_key(&t.id) {
+            return result_err(
+                index,
+                ErrorCode::AlreadyExists,
+                format!("token id {} exists", t.id),
+            );
+        }
+        let mut t = t.clone();
+        t.consumed = false;
+        t.consumed_by.clear();
+        t.created_index = index;
+        self.tokens.insert(t.id.clone(), t);
+        result_ok(index)
+    }
+
+    /// The compare-and-swap at the heart of enrolment: exactly one consumer
+    /// of a token ever wins, because every node applies the same log.
+    fn consume_token(&mut self, index: u64, c: &pb::ConsumeToken) -> pb::CommandResult {
+        let Some(t) = self.tokens.get_mut(&c.id) else {
+            return result_err(index, ErrorCode::NotFound, "unknown join token");
+        };
+        if t.kind != c.kind {
+            return result_err(
+                index,
+                ErrorCode::Invalid,
+                "join token is of another kind (POP vs hub)",
+            );
+        }
+        if t.secret_sha256 != c.secret_sha256 {
+            return result_err(index, ErrorCode::TokenMismatch, "join token secret does not match");
+        }
+        if t.consumed {
+            return result_err(index, ErrorCode::TokenConsumed, "join token was already used");
+        }
+        if c.now_ms >= t.expires_at_ms {
+            return result_err(index, ErrorCode::TokenExpired, "join token has expired");
+        }
+        t.consumed = true;
+        t.consumed_by = c.consumer.clone();
+        let token = t.clone();
+        if token.kind == pb::TokenKind::Pop as i32 && !self.pops.contains_key(&token.pop) {
+            self.pops.insert(
+                token.pop.clone(),
+                pb::Pop {
+                    name: token.pop.clone(),
+                    labels: token.labels.clone(),
+                    created_index: index,
+                    updated_index: index,
+                    created_at_ms: c.now_ms,
+                },
+            );
+        }
+        pb::CommandResult {
+            token: Some(token),
+            ..result_ok(index)
+        }
+    }
+
+    fn set_policy(&mut self, index: u64, c: &pb::SetPolicy) -> pb::CommandResult {
+        let Some(p) = &c.policy else {
+            return result_err(index, ErrorCode::Invalid, "policy missing");
+        };
+        let key = service_key(p.service.as_ref());
+        if key.0.is_empty() || key.1.is_empty() {
+            return result_err(index, ErrorCode::Invalid, "policy needs a namespace and a name");
+        }
+        if p.min_healthy_permille > 1000 {
+            return result_err(index, ErrorCode::Invalid, "min_healthy is above 100%");
+        }
+        if pb::PolicyMode::try_from(p.mode).is_err() || pb::StaleMode::try_from(p.stale).is_err() {
+            return result_err(index, ErrorCode::Invalid, "unknown policy or stale mode");
+        }
+        let mut p = p.clone();
+        p.updated_index = index;
+        self.policies.insert(key, p);
+        result_ok(index)
+    }
 }
+
+fn service_key(k: Option<&pb::ServiceKey>) -> (String, String) {
+    k.map(|k| (k.namespace.clone(), k.name.clone()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@
 
 mod apply;
 
-pub use apply::{result_err, result_ok};
+pub use apply::{result_err, result_ok, valid_name};
 
 use std::collections::BTreeMap;
 

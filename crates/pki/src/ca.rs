@@ -93,6 +93,13 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{CA_CN_PREFIX}{domain}"));
         dn.push(DnType::OrganizationName, "Switchyard");
+        // A random unit name makes every CA's subject unique, so path
+        // building never confuses two CAs of the same domain (a rotation, or
+        // a stranger's federation using the same domain name).
+        dn.push(
+            DnType::OrganizationalUnitName,
+            format!("ca-{}", random_hex(4)?),
+        );
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(
             format!("spiffe://{domain}")
@@ -335,6 +342,15 @@ fn random_serial() -> Result<SerialNumber> {
     // the DER integer never needs a leading zero octet or gets shortened.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// `n` random bytes as lowercase hex.
+fn random_hex(n: usize) -> Result<String> {
+    let mut bytes = vec![0u8; n];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Rng)?;
+    Ok(hex::encode(bytes))
 }
 
 /// Reads the trust domain from a CA certificate: the `spiffe://<domain>` URI

@@ -253,18 +253,41 @@ pub fn server_config(
     Ok(config)
 }
 
-/// The CA among `cas` whose subject is `cert`'s issuer, if any.
+/// The CA among `cas` that issued `cert`, if any: its subject must be the
+/// certificate's issuer and, where both are present, its subject key
+/// identifier must equal the certificate's authority key identifier (CAs of
+/// the same domain share a subject name, e.g. old and new during rotation).
 fn issuer_of(
     cert: &CertificateDer<'_>,
     cas: &[CertificateDer<'static>],
 ) -> Result<Option<CertificateDer<'static>>> {
+    use x509_parser::extensions::ParsedExtension;
+
     let (_, leaf) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| PkiError::CertificateParse(e.to_string()))?;
+    let aki = leaf
+        .iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        });
     for ca in cas {
         let (_, x) = x509_parser::parse_x509_certificate(ca)
             .map_err(|e| PkiError::CertificateParse(e.to_string()))?;
-        if x.subject().as_raw() == leaf.issuer().as_raw() && x.as_ref() != leaf.as_ref() {
-            return Ok(Some(ca.clone()));
+        if x.subject().as_raw() != leaf.issuer().as_raw() {
+            continue;
+        }
+        let ski = x
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0),
+                _ => None,
+            });
+        match (aki, ski) {
+            (Some(a), Some(s)) if a != s => continue,
+            _ => return Ok(Some(ca.clone())),
         }
     }
     Ok(None)
@@ -512,5 +535,400 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{generate_csr, CertificateAuthority};
+    use rustls::{ClientConnection, ServerConnection};
+    use std::time::Duration;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    const DOMAIN: &str = "example.org";
+    const ALPN: &[u8] = b"switchyard/1";
+
+    fn alpn() -> Vec<Vec<u8>> {
+        vec![ALPN.to_vec()]
+    }
+
+    struct Outcome {
+        client: ClientConnection,
+        server: ServerConnection,
+        client_err: Option<rustls::Error>,
+        server_err: Option<rustls::Error>,
+    }
+
+    impl Outcome {
+        fn ok(&self) -> bool {
+            self.client_err.is_none()
+                && self.server_err.is_none()
+                && !self.client.is_handshaking()
+                && !self.server.is_handshaking()
+        }
+    }
+
+    /// Moves all pending TLS bytes from `from` to `to`; returns whether any
+    /// moved and the receiver's processing error, if any.
+    fn transfer(
+        from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+        to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    ) -> (bool, Option<rustls::Error>) {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        if buf.is_empty() {
+            return (false, None);
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            if to.read_tls(&mut rd).is_err() {
+                break;
+            }
+            if let Err(e) = to.process_new_packets() {
+                return (true, Some(e));
+            }
+        }
+        (true, None)
+    }
+
+    /// Runs a handshake between the two configs in memory, no sockets.
+    fn handshake(client: ClientConfig, server: ServerConfig) -> Outcome {
+        let mut c = ClientConnection::new(Arc::new(client), sni_name()).unwrap();
+        let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+        let (mut client_err, mut server_err) = (None, None);
+        for _ in 0..32 {
+            let (moved_cs, e) = if server_err.is_none() {
+                transfer(&mut c, &mut s)
+            } else {
+                (false, None)
+            };
+            server_err = server_err.or(e);
+            let (moved_sc, e) = if client_err.is_none() {
+                transfer(&mut s, &mut c)
+            } else {
+                (false, None)
+            };
+            client_err = client_err.or(e);
+            if !moved_cs && !moved_sc {
+                break;
+            }
+        }
+        Outcome {
+            client: c,
+            server: s,
+            client_err,
+            server_err,
+        }
+    }
+
+    struct Fed {
+        ca: CertificateAuthority,
+    }
+
+    impl Fed {
+        fn new() -> Self {
+            Self {
+                ca: CertificateAuthority::generate(DOMAIN).unwrap(),
+            }
+        }
+
+        fn server(&self, id: &SpiffeId, auth: ClientAuth) -> ServerConfig {
+            let kp = self.ca.issue(id, DAY).unwrap();
+            server_config(&kp.cert_pem, &kp.key_pem, self.ca.cert_pem(), auth, alpn()).unwrap()
+        }
+
+        fn hub_server(&self, auth: ClientAuth) -> ServerConfig {
+            self.server(&SpiffeId::hub(DOMAIN, 1).unwrap(), auth)
+        }
+
+        /// A client with a CSR-issued POP certificate, the way an agent gets one.
+        fn pop_client(&self, expect: ExpectedPeer) -> ClientConfig {
+            let id = SpiffeId::pop(DOMAIN, "fra").unwrap();
+            let (csr, key) = generate_csr(&id).unwrap();
+            let cert = self.ca.sign_csr(&csr, &id, DAY).unwrap();
+            client_config(Some((&cert, &key)), self.ca.cert_pem(), expect, alpn()).unwrap()
+        }
+
+        fn anon_client(&self, expect: ExpectedPeer) -> ClientConfig {
+            client_config(None, self.ca.cert_pem(), expect, alpn()).unwrap()
+        }
+    }
+
+    fn any_hub() -> ExpectedPeer {
+        ExpectedPeer::AnyHub {
+            domain: DOMAIN.into(),
+        }
+    }
+
+    fn err_text(e: &Option<rustls::Error>) -> String {
+        e.as_ref().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn sni_name_is_a_dns_name() {
+        assert!(matches!(sni_name(), ServerName::DnsName(_)));
+    }
+
+    #[test]
+    fn mutual_tls_succeeds_and_both_sides_see_identities() {
+        let fed = Fed::new();
+        let expect = ExpectedPeer::Hub {
+            domain: DOMAIN.into(),
+            node: 1,
+        };
+        let out = handshake(fed.pop_client(expect), fed.hub_server(ClientAuth::Required));
+        assert!(out.ok(), "{:?} / {:?}", out.client_err, out.server_err);
+        let client_id = peer_identity_from_chain(out.server.peer_certificates().unwrap()).unwrap();
+        assert_eq!(client_id, SpiffeId::pop(DOMAIN, "fra").unwrap());
+        let server_id = peer_identity_from_chain(out.client.peer_certificates().unwrap()).unwrap();
+        assert_eq!(server_id, SpiffeId::hub(DOMAIN, 1).unwrap());
+        assert_eq!(out.server.alpn_protocol(), Some(ALPN));
+        assert_eq!(
+            out.client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        // The server sends [leaf, ca] even though it was given only the leaf.
+        let chain = out.client.peer_certificates().unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(&chain[1], fed.ca.cert_der());
+    }
+
+    #[test]
+    fn client_cert_from_another_ca_fails() {
+        let fed = Fed::new();
+        let rogue = Fed::new();
+        let id = SpiffeId::pop(DOMAIN, "fra").unwrap();
+        let kp = rogue.ca.issue(&id, DAY).unwrap();
+        // The client trusts the real CA for the server but presents a rogue cert.
+        let client = client_config(
+            Some((&kp.cert_pem, &kp.key_pem)),
+            fed.ca.cert_pem(),
+            any_hub(),
+            alpn(),
+        )
+        .unwrap();
+        let out = handshake(client, fed.hub_server(ClientAuth::Required));
+        assert!(!out.ok());
+        assert!(
+            out.server_err.is_some(),
+            "server must refuse the rogue cert"
+        );
+        // Same with Optional: a certificate, if presented, must be valid.
+        let client = client_config(
+            Some((&kp.cert_pem, &kp.key_pem)),
+            fed.ca.cert_pem(),
+            any_hub(),
+            alpn(),
+        )
+        .unwrap();
+        let out = handshake(client, fed.hub_server(ClientAuth::Optional));
+        assert!(out.server_err.is_some());
+    }
+
+    #[test]
+    fn no_client_cert_fails_when_required_and_passes_when_optional() {
+        let fed = Fed::new();
+        let out = handshake(
+            fed.anon_client(any_hub()),
+            fed.hub_server(ClientAuth::Required),
+        );
+        assert!(!out.ok());
+        assert_eq!(out.server_err, Some(rustls::Error::NoCertificatesPresented));
+
+        let out = handshake(
+            fed.anon_client(any_hub()),
+            fed.hub_server(ClientAuth::Optional),
+        );
+        assert!(out.ok(), "{:?} / {:?}", out.client_err, out.server_err);
+        assert!(out.server.peer_certificates().is_none());
+        assert!(matches!(
+            peer_identity_from_chain(out.server.peer_certificates().unwrap_or(&[])),
+            Err(PkiError::NoPeerCertificate)
+        ));
+    }
+
+    #[test]
+    fn client_checks_the_server_identity() {
+        let fed = Fed::new();
+        let pop_server =
+            || fed.server(&SpiffeId::pop(DOMAIN, "fra").unwrap(), ClientAuth::Optional);
+        let hub1 = || fed.hub_server(ClientAuth::Optional);
+
+        // Expecting a hub, reaching a POP.
+        let out = handshake(fed.anon_client(any_hub()), pop_server());
+        assert!(!out.ok());
+        let msg = err_text(&out.client_err);
+        assert!(msg.contains("pop/fra") && msg.contains("hub"), "{msg}");
+
+        // Expecting hub 2, reaching hub 1.
+        let expect = ExpectedPeer::Hub {
+            domain: DOMAIN.into(),
+            node: 2,
+        };
+        let out = handshake(fed.anon_client(expect), hub1());
+        assert!(out.client_err.is_some());
+
+        // Expecting the POP "ams", reaching "fra"; then "fra" itself.
+        let expect = ExpectedPeer::Pop {
+            domain: DOMAIN.into(),
+            pop: "ams".into(),
+        };
+        assert!(handshake(fed.anon_client(expect), pop_server())
+            .client_err
+            .is_some());
+        let expect = ExpectedPeer::Pop {
+            domain: DOMAIN.into(),
+            pop: "fra".into(),
+        };
+        assert!(handshake(fed.anon_client(expect), pop_server()).ok());
+
+        // Any identity in the domain; a different domain never matches.
+        let expect = ExpectedPeer::AnyInDomain {
+            domain: DOMAIN.into(),
+        };
+        assert!(handshake(fed.anon_client(expect), pop_server()).ok());
+        let expect = ExpectedPeer::AnyHub {
+            domain: "other.org".into(),
+        };
+        assert!(handshake(fed.anon_client(expect), hub1())
+            .client_err
+            .is_some());
+    }
+
+    #[test]
+    fn server_from_another_ca_is_rejected() {
+        let fed = Fed::new();
+        let rogue = Fed::new();
+        let out = handshake(
+            fed.anon_client(any_hub()),
+            rogue.hub_server(ClientAuth::Optional),
+        );
+        assert!(!out.ok());
+        assert!(
+            matches!(
+                out.client_err,
+                Some(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature
+                ))
+            ),
+            "{:?}",
+            out.client_err
+        );
+    }
+
+    #[test]
+    fn pinned_ca_accepts_right_ca_and_rejects_another() {
+        let fed = Fed::new();
+        let rogue = Fed::new();
+        let pinned = || ca_pinned_client_config(&fed.ca.fingerprint(), alpn()).unwrap();
+
+        let out = handshake(pinned(), fed.hub_server(ClientAuth::Optional));
+        assert!(out.ok(), "{:?} / {:?}", out.client_err, out.server_err);
+        let chain = out.client.peer_certificates().unwrap();
+        let ca = pinned_ca_from_chain(chain, &fed.ca.fingerprint()).unwrap();
+        assert_eq!(&ca, fed.ca.cert_der());
+        assert!(crate::JoinToken::generate(&fed.ca.fingerprint())
+            .unwrap()
+            .ca_matches(&ca));
+
+        // A server of another federation (its own valid CA) is refused.
+        let out = handshake(pinned(), rogue.hub_server(ClientAuth::Optional));
+        assert!(out.client_err.is_some());
+        assert!(err_text(&out.client_err).contains("pinned"));
+
+        // A server that forwards our CA cert but holds a leaf from another CA
+        // (a man in the middle) is refused.
+        let kp = rogue
+            .ca
+            .issue(&SpiffeId::hub(DOMAIN, 1).unwrap(), DAY)
+            .unwrap();
+        let mitm_chain = format!("{}{}", kp.cert_pem, fed.ca.cert_pem());
+        let mitm = server_config(
+            &mitm_chain,
+            &kp.key_pem,
+            rogue.ca.cert_pem(),
+            ClientAuth::Optional,
+            alpn(),
+        )
+        .unwrap();
+        let out = handshake(pinned(), mitm);
+        assert!(
+            matches!(
+                out.client_err,
+                Some(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature
+                ))
+            ),
+            "{:?}",
+            out.client_err
+        );
+
+        // A non-hub identity of the right CA is refused.
+        let pop = fed.server(&SpiffeId::pop(DOMAIN, "fra").unwrap(), ClientAuth::Optional);
+        let out = handshake(pinned(), pop);
+        assert!(
+            err_text(&out.client_err).contains("a hub"),
+            "{:?}",
+            out.client_err
+        );
+    }
+
+    #[test]
+    fn pinned_config_rejects_bad_fingerprint() {
+        assert!(ca_pinned_client_config("abcd", alpn()).is_err());
+        assert!(ca_pinned_client_config(&"z".repeat(64), alpn()).is_err());
+    }
+
+    #[test]
+    fn loaders_report_clear_errors() {
+        let e = load_certs_pem("nothing here").unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+        assert!(load_key_pem("nothing").is_err());
+        let fed = Fed::new();
+        assert!(load_key_pem(&fed.ca.key_pem()).is_ok());
+        assert_eq!(load_certs_pem(fed.ca.cert_pem()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn server_config_refuses_cert_without_spiffe_id() {
+        // The CA certificate itself has no valid leaf SPIFFE ID.
+        let fed = Fed::new();
+        let r = server_config(
+            fed.ca.cert_pem(),
+            &fed.ca.key_pem(),
+            fed.ca.cert_pem(),
+            ClientAuth::Required,
+            alpn(),
+        );
+        assert!(r.is_err());
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use crate::CertificateAuthority;
+    use std::time::Duration;
+
+    #[test]
+    fn chain_completion_picks_the_issuing_ca_among_same_named_cas() {
+        let old = CertificateAuthority::generate("example.org").unwrap();
+        let new = CertificateAuthority::generate("example.org").unwrap();
+        let kp = new
+            .issue(
+                &SpiffeId::hub("example.org", 1).unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let bundle = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let leaf = load_certs_pem(&kp.cert_pem).unwrap();
+        let cas = load_certs_pem(&bundle).unwrap();
+        assert_eq!(
+            issuer_of(&leaf[0], &cas).unwrap().as_ref(),
+            Some(new.cert_der())
+        );
     }
 }

@@ -1,0 +1,302 @@
+//! Outgoing Raft RPCs over tonic.
+//!
+//! How a channel to a peer is built (plain HTTP/2 in tests, mTLS in
+//! production) is behind [`ChannelFactory`]; this module caches one lazy
+//! channel per peer address and maps transport failures to the openraft
+//! errors that make replication back off.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, ReplicationClosed, Timeout, Unreachable};
+use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
+use openraft::RaftNetworkV2;
+use switchyard_proto::pb::raft_client::RaftClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::convert::{self, ConvertError};
+use super::types::{
+    AppendEntriesRequest, AppendEntriesResponse, HubNode, NodeId, RPCError, Snapshot,
+    SnapshotResponse, StreamingError, TypeConfig, Vote, VoteRequest, VoteResponse,
+};
+
+/// Largest Raft message accepted or sent: a whole snapshot travels in one.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+
+/// Building a channel to a peer failed before any I/O happened.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The peer address does not form a valid URI.
+    #[error("invalid peer address {addr:?}: {reason}")]
+    InvalidAddress {
+        /// The address as found in the membership.
+        addr: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Any other setup failure (e.g. TLS configuration).
+    #[error("channel setup for {addr:?}: {reason}")]
+    Setup {
+        /// The peer address.
+        addr: String,
+        /// Why setup failed.
+        reason: String,
+    },
+}
+
+/// Builds the gRPC channel to a peer hub node at `addr` (`host:port`).
+///
+/// Implementations should return a lazy channel (`Endpoint::connect_lazy`):
+/// it is created once per peer and reused; connection failures surface on
+/// each RPC, not here.
+pub trait ChannelFactory: Send + Sync + 'static {
+    /// The channel to `addr`.
+    fn channel(&self, addr: &str) -> Result<Channel, ChannelError>;
+}
+
+/// Plain-text HTTP/2 channels: for tests and local development only.
+#[derive(Debug, Clone)]
+pub struct PlainChannelFactory {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PlainChannelFactory {
+    fn default() -> Self {
+        PlainChannelFactory {
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ChannelFactory for PlainChannelFactory {
+    fn channel(&self, addr: &str) -> Result<Channel, ChannelError> {
+        let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
+            ChannelError::InvalidAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(ep
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy())
+    }
+}
+
+/// openraft's network factory for the hub: one [`HubPeer`] per target.
+#[derive(Clone)]
+pub struct HubNetwork {
+    id: NodeId,
+    factory: Arc<dyn ChannelFactory>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl std::fmt::Debug for HubNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubNetwork")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubNetwork {
+    /// The network of node `id`, building channels with `factory`.
+    pub fn new(id: NodeId, factory: Arc<dyn ChannelFactory>) -> Self {
+        HubNetwork {
+            id,
+            factory,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<RaftClient<Channel>, ChannelError> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.factory.channel(addr)?;
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(raft_client(channel))
+    }
+}
+
+/// A Raft gRPC client with the message size limits snapshots need.
+pub fn raft_client(channel: Channel) -> RaftClient<Channel> {
+    RaftClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
+impl RaftNetworkFactory<TypeConfig> for HubNetwork {
+    type Network = HubPeer;
+
+    async fn new_client(&mut self, target: NodeId, node: &HubNode) -> HubPeer {
+        HubPeer {
+            id: self.id,
+            target,
+            client: self.client(&node.addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Connection to one peer, as openraft's replication and election tasks use it.
+pub struct HubPeer {
+    id: NodeId,
+    target: NodeId,
+    // A setup failure is kept and reported as Unreachable on every call, so
+    // openraft backs off instead of the node failing.
+    client: Result<RaftClient<Channel>, String>,
+}
+
+impl std::fmt::Debug for HubPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubPeer")
+            .field("id", &self.id)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed RPC, before it is shaped into the openraft error the caller needs.
+enum CallError {
+    Timeout(Duration),
+    Unreachable(String),
+    Network(String),
+}
+
+fn status_error(s: &Status) -> CallError {
+    match s.code() {
+        // Connection refused/reset, TLS handshake failure, peer shutting down.
+        Code::Unavailable => CallError::Unreachable(s.to_string()),
+        Code::DeadlineExceeded => CallError::Network(format!("deadline exceeded: {s}")),
+        _ => CallError::Network(s.to_string()),
+    }
+}
+
+fn decode_error(e: ConvertError) -> CallError {
+    CallError::Network(format!("malformed response: {e}"))
+}
+
+impl HubPeer {
+    async fn call<T, F, Fut>(&self, ttl: Duration, f: F) -> Result<T, CallError>
+    where
+        F: FnOnce(RaftClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let client = match &self.client {
+            Ok(c) => c.clone(),
+            Err(e) => return Err(CallError::Unreachable(e.clone())),
+        };
+        match tokio::time::timeout(ttl, f(client)).await {
+            Err(_) => Err(CallError::Timeout(ttl)),
+            Ok(Err(status)) => Err(status_error(&status)),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+
+    fn rpc_error(&self, action: RPCTypes, e: CallError) -> RPCError {
+        match e {
+            CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
+                action,
+                id: self.id,
+                target: self.target,
+                timeout,
+            }),
+            CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::from_string(m)),
+            CallError::Network(m) => RPCError::Network(NetworkError::from_string(m)),
+        }
+    }
+
+    fn streaming_error(&self, e: CallError) -> StreamingError {
+        match self.rpc_error(RPCTypes::InstallSnapshot, e) {
+            RPCError::Timeout(t) => StreamingError::Timeout(t),
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+        }
+    }
+
+    async fn vote_rpc(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+        pre_vote: bool,
+    ) -> Result<VoteResponse, RPCError> {
+        let req = convert::vote_request_to_pb(&rpc);
+        let res = self
+            .call(option.hard_ttl(), |mut c| async move {
+                if pre_vote {
+                    c.pre_vote(req).await
+                } else {
+                    c.vote(req).await
+                }
+            })
+            .await
+            .and_then(|r| convert::vote_response_from_pb(r).map_err(decode_error));
+        res.map_err(|e| self.rpc_error(RPCTypes::Vote, e))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for HubPeer {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RPCError> {
+        let req = convert::append_request_to_pb(&rpc);
+        let res = self
+            .call(option.hard_ttl(), |mut c| async move {
+                c.append_entries(req).await
+            })
+            .await
+            .and_then(|r| convert::append_response_from_pb(r).map_err(decode_error));
+        res.map_err(|e| self.rpc_error(RPCTypes::AppendEntries, e))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError> {
+        self.vote_rpc(rpc, option, false).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError> {
+        self.vote_rpc(rpc, option, true).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse, StreamingError> {
+        // The state is small: the snapshot travels whole in one message.
+        let req = convert::install_snapshot_to_pb(&vote, &snapshot);
+        let call = self.call(option.hard_ttl(), |mut c| async move {
+            c.install_snapshot(req).await
+        });
+        let res = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            res = call => res,
+        };
+        match res.and_then(|r| convert::snapshot_response_from_pb(r).map_err(decode_error)) {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.streaming_error(e)),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Storage tests: openraft's storage suite on redb, crash injection, and
+//! snapshot/restore of the state machine.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderId;
+use openraft::{RaftLogReader, RaftSnapshotBuilder};
+use switchyard_proto::pb;
+use tempfile::TempDir;
+
+use super::*;
+use crate::raft::types::{
+    Entry, EntryPayload, LeaderId, LogId, RaftCommand, StorageError, TypeConfig, Vote,
+};
+
+struct RedbStoreBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> =
+            Arc::new(RedbBackend::open(dir.path().join("raft.redb")).unwrap());
+        let (log, sm) = open(backend).await.unwrap();
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_passes_on_redb() {
+    Suite::test_all(RedbStoreBuilder).await.unwrap();
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(LeaderId::new(term, 1), index)
+}
+
+pub(crate) fn init_federation() -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::InitFederation(pb::InitFederation {
+            federation: Some(pb::Federation {
+                domain: "example.org".into(),
+                ca_cert_pem: "ca".into(),
+                ca_key_pem: String::new(),
+            }),
+        })),
+    }
+}
+
+pub(crate) fn revoke(subject: &str) -> pb::Command {
+    pb::Command {
+        kind: Some(pb::command::Kind::AddRevocation(pb::AddRevocation {
+            revocation: Some(pb::Revocation {
+                subject: subject.into(),
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
+fn cmd_entry(index: u64, c: pb::Command) -> Entry {
+    let mut e = Entry::new_blank(log_id(1, index));
+    e.payload = EntryPayload::Normal(RaftCommand(c));
+    e
+}
+
+async fn append_acked(log: &mut LogStore, entries: Vec<Entry>) -> anyhow::Result<()> {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await?;
+    rx.await??;
+    Ok(())
+}
+
+fn crashable(path: &Path) -> Arc<CrashableBackend> {
+    Arc::new(CrashableBackend::open(path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_writes_survive_crash_and_held_ones_vanish_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let backend = crashable(&path);
+    let (mut log, _sm) = open(backend.clone()).await.unwrap();
+
+    let vote = Vote::new_committed(1, 1);
+    log.save_vote(&vote).await.unwrap();
+    append_acked(
+        &mut log,
+        (1..=5)
+            .map(|i| cmd_entry(i, revoke(&format!("s{i}"))))
+            .collect(),
+    )
+    .await
+    .unwrap();
+
+    // The next batch stalls before reaching the disk, like an fsync in flight.
+    backend.hold();
+    let (tx, mut rx) = TypeConfig::oneshot();
+    let mut log2 = log.clone();
+    let batch: Vec<Entry> = (6..=50)
+        .map(|i| cmd_entry(i, revoke(&format!("s{i}"))))
+        .collect();
+    let task = tokio::spawn(async move { log2.append(batch, IOFlushed::signal(tx)).await });
+    let mut pending = backend.pending();
+    pending.wait_for(|n| *n >= 1).await.unwrap();
+    assert!(
+        rx.try_recv().is_err(),
+        "IOFlushed must not fire before the batch is durable"
+    );
+
+    backend.crash();
+    assert!(
+        task.await.unwrap().is_err(),
+        "append of a lost batch reports failure"
+    );
+    assert!(
+        !matches!(rx.await, Ok(Ok(()))),
+        "a lost batch is never acknowledged"
+    );
+    drop((log, _sm, backend));
+
+    let backend = crashable(&path);
+    let (mut log, _sm) = open(backend).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(1, 5)));
+    let entries = log
+        .get_log_reader()
+        .await
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap();
+    let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        log.get_log_reader().await.read_vote().await.unwrap(),
+        Some(vote)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_purge_are_atomic_under_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let backend = crashable(&path);
+    let (mut log, _sm) = open(backend.clone()).await.unwrap();
+    append_acked(
+        &mut log,
+        (1..=10).map(|i| cmd_entry(i, revoke("x"))).collect(),
+    )
+    .await
+    .unwrap();
+    log.purge(log_id(1, 3)).await.unwrap();
+
+    // A purge that never reached the disk leaves neither the marker nor a gap.
+    backend.hold();
+    let mut log2 = log.clone();
+    let task = tokio::spawn(async move { log2.purge(log_id(1, 7)).await });
+    backend.pending().wait_for(|n| *n >= 1).await.unwrap();
+    backend.crash();
+    assert!(task.await.unwrap().is_err());
+    drop((log, _sm, backend));
+
+    let (mut log, _sm) = open(crashable(&path)).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 10)));
+    let entries = log
+        .get_log_reader()
+        .await
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap();
+    assert_eq!(entries.first().map(|e| e.log_id.index), Some(4));
+    assert_eq!(entries.len(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_machine_restores_from_persisted_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    let backend = crashable(&path);
+    let (_log, mut sm) = open(backend.clone()).await.unwrap();
+
+    let entries = vec![
+        cmd_entry(1, init_federation()),
+        cmd_entry(2, revoke("a")),
+        cmd_entry(3, revoke("b")),
+    ];
+    let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+    assert_eq!(*sm.applied_index().borrow(), 3);
+    let expected = sm.read(|s| s.clone());
+    assert_eq!(expected.revocations.len(), 2);
+
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(1, 3)));
+    // Applied after the snapshot: not in it, and `apply` does not persist.
+    let stream = futures::stream::iter([Ok((cmd_entry(4, revoke("c")), None))]);
+    sm.apply(stream).await.unwrap();
+
+    backend.crash();
+    drop((_log, sm, backend));
+
+    let (_log, mut sm) = open(crashable(&path)).await.unwrap();
+    assert_eq!(sm.read(|s| s.clone()), expected);
+    assert_eq!(sm.applied().last_applied, Some(log_id(1, 3)));
+    assert_eq!(*sm.applied_index().borrow(), 3);
+    let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(cur.meta, snap.meta);
+}

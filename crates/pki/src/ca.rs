@@ -268,6 +268,21 @@ impl CertificateAuthority {
                 )))
             }
         }
+        // Only the key types our peers generate or could reasonably use; this
+        // keeps weak RSA keys out of the federation.
+        let alg = csr.public_key.algorithm();
+        if ![
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ]
+        .contains(&alg)
+        {
+            return Err(PkiError::CsrRejected(
+                "unsupported key type; use ECDSA P-256 (as generate_csr does), P-384 or Ed25519"
+                    .into(),
+            ));
+        }
         self.sign_leaf(id_checked(expected)?, &csr.public_key, validity)
     }
 
@@ -280,10 +295,10 @@ impl CertificateAuthority {
     ) -> Result<String> {
         id_checked(id)?;
         if id.domain() != self.domain {
-            return Err(PkiError::CsrRejected(format!(
-                "identity {id} is outside this CA's trust domain {:?}",
-                self.domain
-            )));
+            return Err(PkiError::WrongDomain {
+                id: id.to_string(),
+                domain: self.domain.clone(),
+            });
         }
         if validity.is_zero() {
             return Err(PkiError::InvalidValidity(
@@ -382,6 +397,7 @@ fn domain_from_ca_cert(x509: &x509_parser::certificate::X509Certificate<'_>) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::csr::generate_csr;
@@ -476,9 +492,10 @@ mod tests {
     #[test]
     fn issue_refuses_other_domain_and_zero_validity() {
         let ca = CertificateAuthority::generate("example.org").unwrap();
-        assert!(ca
-            .issue(&SpiffeId::hub("other.org", 1).unwrap(), DAY)
-            .is_err());
+        assert!(matches!(
+            ca.issue(&SpiffeId::hub("other.org", 1).unwrap(), DAY),
+            Err(PkiError::WrongDomain { .. })
+        ));
         assert!(ca
             .issue(&SpiffeId::hub("example.org", 1).unwrap(), Duration::ZERO)
             .is_err());

@@ -82,6 +82,15 @@ pub enum PkiError {
     #[error("certificate signing request refused: {0}")]
     CsrRejected(String),
 
+    /// An identity outside the CA's trust domain was to be certified.
+    #[error("identity {id} is outside this CA's trust domain {domain:?}")]
+    WrongDomain {
+        /// The identity asked for.
+        id: String,
+        /// The CA's trust domain.
+        domain: String,
+    },
+
     /// A validity period is unusable (zero, or too large to represent).
     #[error("invalid validity period: {0}")]
     InvalidValidity(String),

@@ -319,6 +319,7 @@ pub fn peer_identity(cert_der: &[u8]) -> Result<SpiffeId> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

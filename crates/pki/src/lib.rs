@@ -18,6 +18,32 @@
 //!
 //! Callers take a peer's identity from its verified certificate
 //! ([`peer_identity_from_chain`]), never from message fields.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use switchyard_pki::*;
+//!
+//! # fn main() -> Result<()> {
+//! let ca = CertificateAuthority::generate("example.org")?;
+//! let hub = ca.issue(&SpiffeId::hub("example.org", 1)?, Duration::from_secs(86_400))?;
+//! let alpn = vec![b"switchyard/1".to_vec()];
+//! let server = server_config(&hub.cert_pem, &hub.key_pem, ca.cert_pem(),
+//!                            ClientAuth::Optional, alpn.clone())?;
+//!
+//! // A POP joining with a token pins the CA, then sends a CSR.
+//! let token = JoinToken::generate(&ca.fingerprint())?;
+//! let join = ca_pinned_client_config(&token.ca_fingerprint(), alpn.clone())?;
+//! let pop = SpiffeId::pop("example.org", "fra")?;
+//! let (csr_pem, key_pem) = generate_csr(&pop)?;
+//! let cert_pem = ca.sign_csr(&csr_pem, &pop, Duration::from_secs(3_600))?; // on the hub
+//! let client = client_config(Some((&cert_pem, &key_pem)), ca.cert_pem(),
+//!                            ExpectedPeer::AnyHub { domain: "example.org".into() }, alpn)?;
+//! # let _ = (server, join, client);
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,7 +61,7 @@ pub use error::{PkiError, Result, TokenError};
 pub use identity::{peer_identity, SpiffeId};
 pub use tls::{
     ca_pinned_client_config, client_config, load_certs_pem, load_key_pem, peer_identity_from_chain,
-    server_config, sni_name, ClientAuth, ExpectedPeer, SNI_NAME,
+    pinned_ca_from_chain, server_config, sni_name, ClientAuth, ExpectedPeer, SNI_NAME,
 };
 pub use token::JoinToken;
 

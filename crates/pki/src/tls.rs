@@ -88,6 +88,14 @@ pub enum ExpectedPeer {
         /// POP name.
         pop: String,
     },
+    /// The POP agent `pop` or any gateway of that POP (gateway-to-gateway
+    /// connections dial a peer POP, not one instance).
+    AnyOfPop {
+        /// Trust domain.
+        domain: String,
+        /// POP name.
+        pop: String,
+    },
     /// Any identity in `domain`.
     AnyInDomain {
         /// Trust domain.
@@ -109,6 +117,9 @@ impl ExpectedPeer {
             (Self::Pop { domain, pop }, SpiffeId::Pop { domain: d, pop: p }) => {
                 d == domain && p == pop
             }
+            (Self::AnyOfPop { domain, pop }, id) => {
+                id.domain() == domain && id.pop_name() == Some(pop.as_str())
+            }
             (Self::AnyInDomain { domain }, id) => id.domain() == domain,
             _ => false,
         }
@@ -121,6 +132,9 @@ impl fmt::Display for ExpectedPeer {
             Self::AnyHub { domain } => write!(f, "any hub of {domain}"),
             Self::Hub { domain, node } => write!(f, "spiffe://{domain}/hub/{node}"),
             Self::Pop { domain, pop } => write!(f, "spiffe://{domain}/pop/{pop}"),
+            Self::AnyOfPop { domain, pop } => {
+                write!(f, "spiffe://{domain}/pop/{pop} or one of its gateways")
+            }
             Self::AnyInDomain { domain } => write!(f, "any identity in {domain}"),
         }
     }
@@ -539,6 +553,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::{generate_csr, CertificateAuthority};
@@ -665,6 +680,35 @@ mod tests {
 
     fn err_text(e: &Option<rustls::Error>) -> String {
         e.as_ref().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn expected_peer_matching() {
+        let hub = SpiffeId::hub(DOMAIN, 3).unwrap();
+        let pop = SpiffeId::pop(DOMAIN, "fra").unwrap();
+        let gw = SpiffeId::gateway(DOMAIN, "fra", "gw-1").unwrap();
+        let other_gw = SpiffeId::gateway(DOMAIN, "ams", "gw-1").unwrap();
+        let op = SpiffeId::operator(DOMAIN, "alice").unwrap();
+        let d = || DOMAIN.to_string();
+        let of_fra = ExpectedPeer::AnyOfPop {
+            domain: d(),
+            pop: "fra".into(),
+        };
+        assert!(of_fra.matches(&pop) && of_fra.matches(&gw));
+        assert!(!of_fra.matches(&other_gw) && !of_fra.matches(&hub));
+        let any_hub = ExpectedPeer::AnyHub { domain: d() };
+        assert!(any_hub.matches(&hub) && !any_hub.matches(&op));
+        let pop_fra = ExpectedPeer::Pop {
+            domain: d(),
+            pop: "fra".into(),
+        };
+        assert!(pop_fra.matches(&pop) && !pop_fra.matches(&gw));
+        let any = ExpectedPeer::AnyInDomain { domain: d() };
+        assert!([&hub, &pop, &gw, &op].iter().all(|id| any.matches(id)));
+        let elsewhere = ExpectedPeer::AnyInDomain {
+            domain: "other.org".into(),
+        };
+        assert!(!elsewhere.matches(&hub));
     }
 
     #[test]
@@ -908,6 +952,7 @@ mod tests {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod rotation_tests {
     use super::*;
     use crate::CertificateAuthority;

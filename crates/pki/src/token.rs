@@ -201,6 +201,7 @@ fn random_alnum(rng: &SystemRandom, len: usize) -> Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -241,9 +241,11 @@ pub fn server_config(
     // is not a Switchyard identity.
     peer_identity_from_chain(&chain)?;
     if !chain.iter().skip(1).any(|c| cas.contains(c)) {
-        if let Some(issuer) = issuer_of(&chain[chain.len() - 1], &cas)? {
-            chain.push(issuer);
-        }
+        let issuer = match chain.last() {
+            Some(last) => issuer_of(last, &cas)?,
+            None => None,
+        };
+        chain.extend(issuer);
     }
     let key = load_key_pem(key_pem)?;
 

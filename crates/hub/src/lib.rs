@@ -4,6 +4,9 @@
 //! - [`raft`]: openraft type configuration, wire conversions, network.
 //! - [`store`]: durable log and snapshots in redb, behind a crashable backend.
 
+pub mod metrics;
+pub mod node;
 pub mod raft;
 pub mod state;
+pub mod server;
 pub mod store;

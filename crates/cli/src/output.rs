@@ -41,5 +41,8 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 
 /// Prints a JSON value, pretty.
 pub fn json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into())
+    );
 }

@@ -32,7 +32,8 @@ pub async fn run(_g: &Global, a: DevArgs) -> Result<()> {
     if ![1, 3, 5].contains(&a.hubs) {
         bail!("--hubs must be 1, 3 or 5 (a Raft cluster needs an odd size)");
     }
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("cannot create {}", a.dir.display()))?;
+    std::fs::create_dir_all(&a.dir)
+        .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
     let admin_config = dir.join("admin.toml");
     let mut nodes: Vec<RunningHub> = Vec::new();
@@ -93,17 +94,32 @@ pub async fn run(_g: &Global, a: DevArgs) -> Result<()> {
         .collect();
     let info = json!({"config": admin_config.display().to_string(), "hubs": hubs, "pops": []});
     std::fs::write(dir.join("dev.json"), serde_json::to_string_pretty(&info)?)?;
-    println!("Switchyard dev federation: {} hub node(s), state in {}", nodes.len(), dir.display());
+    println!(
+        "Switchyard dev federation: {} hub node(s), state in {}",
+        nodes.len(),
+        dir.display()
+    );
     for n in &nodes {
-        println!("  hub {}  gRPC {}  http://{}/metrics", n.hub.id(), n.grpc_addr, n.http_addr);
+        println!(
+            "  hub {}  gRPC {}  http://{}/metrics",
+            n.hub.id(),
+            n.grpc_addr,
+            n.http_addr
+        );
     }
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "switchyard".into());
     println!("\nTry, in another shell:");
     println!("  export SWITCHYARD_CONFIG={}", admin_config.display());
-    println!("  switchyard status");
-    println!("  switchyard token create --pop north-1 --region north --zone n1");
-    println!("  switchyard pop add north-1 --region north && switchyard pop list -o json");
-    println!("  switchyard hub members list");
-    println!("\nCtrl-C stops everything. Details for scripts: {}", dir.join("dev.json").display());
+    println!("  {exe} status");
+    println!("  {exe} token create --pop north-1 --region north --zone n1");
+    println!("  {exe} pop add north-1 --region north && {exe} pop list -o json");
+    println!("  {exe} hub members list");
+    println!(
+        "\nCtrl-C stops everything. Details for scripts: {}",
+        dir.join("dev.json").display()
+    );
     wait_for_signal().await;
     println!("stopping");
     for n in nodes {

@@ -91,16 +91,24 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
     }
     let mode = if a.bootstrap {
         let domain = a.domain.clone().context("--bootstrap needs --domain")?;
-        switchyard_pki::SpiffeId::hub(&domain, 1).context("--domain must be a DNS name such as example.org")?;
+        switchyard_pki::SpiffeId::hub(&domain, 1)
+            .context("--domain must be a DNS name such as example.org")?;
         StartMode::Bootstrap {
             domain,
-            admin_config: a.admin_config.clone().unwrap_or_else(|| a.data_dir.join("admin.toml")),
+            admin_config: a
+                .admin_config
+                .clone()
+                .unwrap_or_else(|| a.data_dir.join("admin.toml")),
         }
     } else if let Some(addr) = &a.join {
         let (Some(token), Some(node_id)) = (a.token.clone(), a.node_id) else {
             bail!("--join needs --token T and --node-id N");
         };
-        StartMode::Join { addr: addr.clone(), token, node_id }
+        StartMode::Join {
+            addr: addr.clone(),
+            token,
+            node_id,
+        }
     } else {
         StartMode::Restart
     };
@@ -112,7 +120,10 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
         http: a.http.or(default_listen(7401)),
         advertise: a.advertise.clone(),
         mode: mode.clone(),
-        timeouts: Timeouts { write: a.write_timeout, ..Timeouts::default() },
+        timeouts: Timeouts {
+            write: a.write_timeout,
+            ..Timeouts::default()
+        },
         raft: RaftTimings {
             heartbeat_ms: a.heartbeat_ms,
             election_min_ms: a.election_ms,
@@ -121,7 +132,9 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("cannot create data dir {}", a.data_dir.display()))?;
-    let running = server::start(cfg).await.context("hub node failed to start")?;
+    let running = server::start(cfg)
+        .await
+        .context("hub node failed to start")?;
     let info = serde_json::json!({
         "node_id": running.hub.id(),
         "grpc": running.grpc_addr.to_string(),
@@ -129,7 +142,8 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
         "pid": std::process::id(),
     });
     if let Some(p) = &a.ready_file {
-        std::fs::write(p, info.to_string()).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(p, info.to_string())
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     eprintln!(
         "hub node {} serving: gRPC {}  HTTP {}",
@@ -193,7 +207,14 @@ async fn members(g: &Global, m: MembersCmd) -> Result<()> {
                             vec![
                                 m.id.to_string(),
                                 m.addr.clone(),
-                                if m.leader { "leader" } else if m.voter { "voter" } else { "learner" }.into(),
+                                if m.leader {
+                                    "leader"
+                                } else if m.voter {
+                                    "voter"
+                                } else {
+                                    "learner"
+                                }
+                                .into(),
                                 m.matched_index.to_string(),
                             ]
                         })

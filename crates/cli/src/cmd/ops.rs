@@ -163,10 +163,12 @@ pub enum PolicyCmd {
 
 fn service_key(s: &str) -> Result<pb::ServiceKey> {
     match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(pb::ServiceKey {
-            namespace: ns.into(),
-            name: name.into(),
-        }),
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(pb::ServiceKey {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        }
         _ => bail!("{s:?} is not NAMESPACE/NAME"),
     }
 }
@@ -203,7 +205,11 @@ fn selector_str(s: &pb::PopSelector) -> String {
     if !s.pop.is_empty() {
         return s.pop.clone();
     }
-    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("+")
+    s.labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 fn policy_json(p: &pb::TrafficPolicy) -> Value {
@@ -238,11 +244,20 @@ pub async fn token(g: &Global, c: TokenCmd) -> Result<()> {
     let addr = a.addr.clone();
     let err = |s| client::status_err(&addr, s);
     match c {
-        TokenCmd::Create { pop, hub, labels, ttl } => {
+        TokenCmd::Create {
+            pop,
+            hub,
+            labels,
+            ttl,
+        } => {
             let r = a
                 .client
                 .create_token(pb::CreateTokenRequest {
-                    kind: if hub { pb::TokenKind::Hub } else { pb::TokenKind::Pop } as i32,
+                    kind: if hub {
+                        pb::TokenKind::Hub
+                    } else {
+                        pb::TokenKind::Pop
+                    } as i32,
                     pop: pop.clone().unwrap_or_default(),
                     labels: Some(labels.to_pb()),
                     ttl_ms: ttl.as_millis() as u64,
@@ -256,13 +271,25 @@ pub async fn token(g: &Global, c: TokenCmd) -> Result<()> {
                 })),
                 output::Format::Table => {
                     println!("{}", r.token);
-                    let what = if hub { "a hub node".to_string() } else { format!("POP {}", pop.unwrap_or_default()) };
-                    eprintln!("single use, for {what}, expires in {}", humantime::format_duration(ttl));
+                    let what = if hub {
+                        "a hub node".to_string()
+                    } else {
+                        format!("POP {}", pop.unwrap_or_default())
+                    };
+                    eprintln!(
+                        "single use, for {what}, expires in {}",
+                        humantime::format_duration(ttl)
+                    );
                 }
             }
         }
         TokenCmd::List => {
-            let r = a.client.list_tokens(pb::ListTokensRequest::default()).await.map_err(err)?.into_inner();
+            let r = a
+                .client
+                .list_tokens(pb::ListTokensRequest::default())
+                .await
+                .map_err(err)?
+                .into_inner();
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
@@ -276,7 +303,13 @@ pub async fn token(g: &Global, c: TokenCmd) -> Result<()> {
                     "open".into()
                 }
             };
-            let kind = |t: &pb::JoinToken| if t.kind == pb::TokenKind::Hub as i32 { "hub" } else { "pop" };
+            let kind = |t: &pb::JoinToken| {
+                if t.kind == pb::TokenKind::Hub as i32 {
+                    "hub"
+                } else {
+                    "pop"
+                }
+            };
             match g.output {
                 output::Format::Json => output::json(&Value::Array(
                     r.tokens
@@ -299,40 +332,75 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
     let addr = a.addr.clone();
     let err = |s| client::status_err(&addr, s);
     match c {
-        PopCmd::Add { name, labels, create_only } => {
+        PopCmd::Add {
+            name,
+            labels,
+            create_only,
+        } => {
             let r = a
                 .client
                 .put_pop(pb::PutPopRequest {
-                    pop: Some(pb::Pop { name: name.clone(), labels: Some(labels.to_pb()), ..Default::default() }),
+                    pop: Some(pb::Pop {
+                        name: name.clone(),
+                        labels: Some(labels.to_pb()),
+                        ..Default::default()
+                    }),
                     create_only,
                 })
                 .await
                 .map_err(err)?
                 .into_inner();
             match g.output {
-                output::Format::Json => output::json(&json!({"index": r.index, "pop": r.pop.as_ref().map(pop_json)})),
+                output::Format::Json => {
+                    output::json(&json!({"index": r.index, "pop": r.pop.as_ref().map(pop_json)}))
+                }
                 output::Format::Table => println!("POP {name} saved (log index {})", r.index),
             }
         }
         PopCmd::List { local } => {
-            let consistency = if local { pb::ReadConsistency::Local } else { pb::ReadConsistency::Linearizable } as i32;
-            let r = a.client.list_pops(pb::ListPopsRequest { consistency }).await.map_err(err)?.into_inner();
+            let consistency = if local {
+                pb::ReadConsistency::Local
+            } else {
+                pb::ReadConsistency::Linearizable
+            } as i32;
+            let r = a
+                .client
+                .list_pops(pb::ListPopsRequest { consistency })
+                .await
+                .map_err(err)?
+                .into_inner();
             match g.output {
-                output::Format::Json => output::json(&Value::Array(r.pops.iter().map(pop_json).collect())),
+                output::Format::Json => {
+                    output::json(&Value::Array(r.pops.iter().map(pop_json).collect()))
+                }
                 output::Format::Table => output::table(
                     &["NAME", "REGION", "ZONE", "GROUP", "CREATED"],
                     &r.pops
                         .iter()
                         .map(|p| {
                             let l = p.labels.clone().unwrap_or_default();
-                            vec![p.name.clone(), l.region, l.zone, l.group, ms_ago(p.created_at_ms)]
+                            vec![
+                                p.name.clone(),
+                                l.region,
+                                l.zone,
+                                l.group,
+                                ms_ago(p.created_at_ms),
+                            ]
                         })
                         .collect::<Vec<_>>(),
                 ),
             }
         }
         PopCmd::Show { name } => {
-            let p = a.client.get_pop(pb::GetPopRequest { name, consistency: 0 }).await.map_err(err)?.into_inner();
+            let p = a
+                .client
+                .get_pop(pb::GetPopRequest {
+                    name,
+                    consistency: 0,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
             match g.output {
                 output::Format::Json => output::json(&pop_json(&p)),
                 output::Format::Table => {
@@ -344,13 +412,22 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                     for (k, v) in &l.extra {
                         println!("label:    {k}={v}");
                     }
-                    println!("created:  {} (log index {})", ms_ago(p.created_at_ms), p.created_index);
+                    println!(
+                        "created:  {} (log index {})",
+                        ms_ago(p.created_at_ms),
+                        p.created_index
+                    );
                     println!("updated:  log index {}", p.updated_index);
                 }
             }
         }
         PopCmd::Remove { name } => {
-            let r = a.client.remove_pop(pb::RemovePopRequest { name: name.clone() }).await.map_err(err)?.into_inner();
+            let r = a
+                .client
+                .remove_pop(pb::RemovePopRequest { name: name.clone() })
+                .await
+                .map_err(err)?
+                .into_inner();
             println!("POP {name} removed (log index {})", r.index);
         }
         PopCmd::Revoke { name, reason } => {
@@ -390,7 +467,18 @@ fn stale_mode(s: &str) -> Result<(pb::StaleMode, u64)> {
 pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
     // Validate before connecting: bad input never needs the network.
     let set = match &c {
-        PolicyCmd::Set { service, mode, failover, weights, min_healthy, failback_after, stale, export_to, dns_ttl, per_pop_names } => {
+        PolicyCmd::Set {
+            service,
+            mode,
+            failover,
+            weights,
+            min_healthy,
+            failback_after,
+            stale,
+            export_to,
+            dns_ttl,
+            per_pop_names,
+        } => {
             if !(0.0..=1.0).contains(min_healthy) {
                 bail!("--min-healthy must be between 0 and 1");
             }
@@ -400,7 +488,12 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
             let (stale, drop_after) = stale_mode(stale)?;
             let mut w = std::collections::HashMap::new();
             for (pop, n) in weights {
-                w.insert(pop.clone(), n.parse::<u32>().map_err(|_| anyhow!("--weight {pop}={n}: weight must be a whole number"))?);
+                w.insert(
+                    pop.clone(),
+                    n.parse::<u32>().map_err(|_| {
+                        anyhow!("--weight {pop}={n}: weight must be a whole number")
+                    })?,
+                );
             }
             Some(pb::TrafficPolicy {
                 service: Some(service_key(service)?),
@@ -428,13 +521,21 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
     let err = |s| client::status_err(&addr, s);
     match c {
         PolicyCmd::Set { service, .. } => {
-            let r = a.client.set_policy(pb::SetPolicyRequest { policy: set }).await.map_err(err)?.into_inner();
+            let r = a
+                .client
+                .set_policy(pb::SetPolicyRequest { policy: set })
+                .await
+                .map_err(err)?
+                .into_inner();
             println!("policy for {service} set (log index {})", r.index);
         }
         PolicyCmd::Get { service } => {
             let p = a
                 .client
-                .get_policy(pb::GetPolicyRequest { service: Some(service_key(&service)?), consistency: 0 })
+                .get_policy(pb::GetPolicyRequest {
+                    service: Some(service_key(&service)?),
+                    consistency: 0,
+                })
                 .await
                 .map_err(err)?
                 .into_inner();
@@ -451,9 +552,16 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
             }
         }
         PolicyCmd::List => {
-            let r = a.client.list_policies(pb::ListPoliciesRequest::default()).await.map_err(err)?.into_inner();
+            let r = a
+                .client
+                .list_policies(pb::ListPoliciesRequest::default())
+                .await
+                .map_err(err)?
+                .into_inner();
             match g.output {
-                output::Format::Json => output::json(&Value::Array(r.policies.iter().map(policy_json).collect())),
+                output::Format::Json => {
+                    output::json(&Value::Array(r.policies.iter().map(policy_json).collect()))
+                }
                 output::Format::Table => output::table(
                     &["SERVICE", "MODE", "FAILBACK", "STALE"],
                     &r.policies
@@ -463,7 +571,10 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
                             vec![
                                 v["service"].as_str().unwrap_or_default().to_string(),
                                 v["mode"].as_str().unwrap_or_default().to_string(),
-                                humantime::format_duration(Duration::from_millis(p.failback_after_ms)).to_string(),
+                                humantime::format_duration(Duration::from_millis(
+                                    p.failback_after_ms,
+                                ))
+                                .to_string(),
                                 v["stale"].as_str().unwrap_or_default().to_string(),
                             ]
                         })
@@ -474,7 +585,9 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
         PolicyCmd::Delete { service } => {
             let r = a
                 .client
-                .delete_policy(pb::DeletePolicyRequest { service: Some(service_key(&service)?) })
+                .delete_policy(pb::DeletePolicyRequest {
+                    service: Some(service_key(&service)?),
+                })
                 .await
                 .map_err(err)?
                 .into_inner();
@@ -487,7 +600,12 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
 pub async fn status(g: &Global) -> Result<()> {
     let mut a = client::connect(g.config.as_ref()).await?;
     let addr = a.addr.clone();
-    let s = a.client.status(pb::Empty {}).await.map_err(|s| client::status_err(&addr, s))?.into_inner();
+    let s = a
+        .client
+        .status(pb::Empty {})
+        .await
+        .map_err(|s| client::status_err(&addr, s))?
+        .into_inner();
     let members: Vec<Value> = s
         .members
         .iter()
@@ -502,15 +620,25 @@ pub async fn status(g: &Global) -> Result<()> {
         })),
         output::Format::Table => {
             println!("federation  {}", s.domain);
-            println!("answered by hub node {} at {} ({}, v{})", s.node_id, addr, s.state, s.version);
+            println!(
+                "answered by hub node {} at {} ({}, v{})",
+                s.node_id, addr, s.state, s.version
+            );
             println!(
                 "raft        term {}, leader {}, commit {}, applied {}",
                 s.term,
-                if s.leader_id == 0 { "none".into() } else { s.leader_id.to_string() },
+                if s.leader_id == 0 {
+                    "none".into()
+                } else {
+                    s.leader_id.to_string()
+                },
                 s.commit_index,
                 s.applied_index
             );
-            println!("POPs        {}    policies {}    open tokens {}", s.pops, s.policies, s.tokens_open);
+            println!(
+                "POPs        {}    policies {}    open tokens {}",
+                s.pops, s.policies, s.tokens_open
+            );
             println!();
             output::table(
                 &["HUB", "ADDRESS", "ROLE", "MATCHED"],
@@ -520,7 +648,14 @@ pub async fn status(g: &Global) -> Result<()> {
                         vec![
                             m.id.to_string(),
                             m.addr.clone(),
-                            if m.leader { "leader" } else if m.voter { "voter" } else { "learner" }.into(),
+                            if m.leader {
+                                "leader"
+                            } else if m.voter {
+                                "voter"
+                            } else {
+                                "learner"
+                            }
+                            .into(),
                             m.matched_index.to_string(),
                         ]
                     })

@@ -317,6 +317,7 @@ pub fn snapshot_response_from_pb(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

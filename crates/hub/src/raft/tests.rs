@@ -1,6 +1,8 @@
 //! A 3-node cluster over real tonic gRPC on 127.0.0.1 (plain HTTP/2), each
 //! node with its own redb file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

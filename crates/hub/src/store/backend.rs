@@ -406,6 +406,7 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -92,7 +92,10 @@ fn decode_stored(meta: Option<Vec<u8>>, data: Option<Vec<u8>>) -> io::Result<Opt
     }))
 }
 
-fn read_stored(backend: &dyn Backend) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), BackendError> {
+/// The raw (meta, data) records of the stored snapshot, if any.
+type StoredSnapshot = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn read_stored(backend: &dyn Backend) -> Result<StoredSnapshot, BackendError> {
     Ok((
         backend.get(Table::Meta, KEY_SNAPSHOT_META)?,
         backend.get(Table::Meta, KEY_SNAPSHOT_DATA)?,

@@ -1,6 +1,8 @@
 //! Storage tests: openraft's storage suite on redb, crash injection, and
 //! snapshot/restore of the state machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 

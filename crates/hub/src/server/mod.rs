@@ -14,7 +14,9 @@ pub use files::{AdminConfig, NodeFiles, NodeRecord};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use switchyard_pki::{CertificateAuthority, ClientAuth, ExpectedPeer, SpiffeId};
-use switchyard_proto::pb::{self, admin_client::AdminClient, admin_server::AdminServer, command::Kind};
+use switchyard_proto::pb::{
+    self, admin_client::AdminClient, admin_server::AdminServer, command::Kind,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
@@ -190,18 +192,19 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     let files = NodeFiles::new(&cfg.data_dir);
     let prom = metrics::install();
     let existing = files.load_record()?;
-    let mode = match (&cfg.mode, &existing) {
-        (StartMode::Restart, None) => {
-            return Err(StartError::DataDir {
+    let mode =
+        match (&cfg.mode, &existing) {
+            (StartMode::Restart, None) => return Err(StartError::DataDir {
                 dir: cfg.data_dir.clone(),
-                message: "holds no hub node; start with --bootstrap --domain D, or --join ADDR --token T".into(),
-            })
-        }
-        // Already set up: a restart, whatever the flags say (so a unit file
-        // with --bootstrap can restart safely).
-        (_, Some(_)) => StartMode::Restart,
-        (m, None) => m.clone(),
-    };
+                message:
+                    "holds no hub node; start with --bootstrap --domain D, or --join ADDR --token T"
+                        .into(),
+            }),
+            // Already set up: a restart, whatever the flags say (so a unit file
+            // with --bootstrap can restart safely).
+            (_, Some(_)) => StartMode::Restart,
+            (m, None) => m.clone(),
+        };
 
     let listen = cfg
         .listen
@@ -213,12 +216,22 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
     let grpc_listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| StartError::Bind { addr: listen, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
     let http_listener = TcpListener::bind(http)
         .await
         .map_err(|source| StartError::Bind { addr: http, source })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind { addr: http, source })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: http, source })?;
     let advertise = cfg
         .advertise
         .clone()
@@ -227,10 +240,13 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
 
     // Identity and record.
     let (record, ca_for_bootstrap) = match &mode {
-        StartMode::Restart => (existing.clone().ok_or_else(|| StartError::DataDir {
-            dir: cfg.data_dir.clone(),
-            message: "node record vanished".into(),
-        })?, None),
+        StartMode::Restart => (
+            existing.clone().ok_or_else(|| StartError::DataDir {
+                dir: cfg.data_dir.clone(),
+                message: "node record vanished".into(),
+            })?,
+            None,
+        ),
         StartMode::Bootstrap { domain, .. } => {
             let ca = CertificateAuthority::generate(domain)?;
             let id = SpiffeId::hub(domain, 1)?;
@@ -245,8 +261,15 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
             };
             (rec, Some(ca))
         }
-        StartMode::Join { addr, token, node_id } => {
-            let rec = join_cluster(&files, addr, token, *node_id, grpc_addr, http_addr, &advertise).await?;
+        StartMode::Join {
+            addr,
+            token,
+            node_id,
+        } => {
+            let rec = join_cluster(
+                &files, addr, token, *node_id, grpc_addr, http_addr, &advertise,
+            )
+            .await?;
             (rec, None)
         }
     };
@@ -255,27 +278,51 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     record.http = http_addr.to_string();
     let (ca_pem, cert_pem, key_pem) = files.read_tls()?;
     let chain = format!("{cert_pem}\n{ca_pem}");
-    let server_tls = switchyard_pki::server_config(&chain, &key_pem, &ca_pem, ClientAuth::Optional, vec![ALPN_H2.to_vec()])?;
+    let server_tls = switchyard_pki::server_config(
+        &chain,
+        &key_pem,
+        &ca_pem,
+        ClientAuth::Optional,
+        vec![ALPN_H2.to_vec()],
+    )?;
     let peer_tls = switchyard_pki::client_config(
         Some((&chain, &key_pem)),
         &ca_pem,
-        ExpectedPeer::AnyHub { domain: record.domain.clone() },
+        ExpectedPeer::AnyHub {
+            domain: record.domain.clone(),
+        },
         vec![ALPN_H2.to_vec()],
     )?;
     let peer_tls = Arc::new(peer_tls);
 
     // Raft.
-    let backend = RedbBackend::open(files.raft_db()).map_err(|e| StartError::Store(e.to_string()))?;
+    let backend =
+        RedbBackend::open(files.raft_db()).map_err(|e| StartError::Store(e.to_string()))?;
     let backend: Arc<dyn crate::store::backend::Backend> = Arc::new(backend);
     let log = LogStore::new(backend.clone());
-    let sm = StateMachineStore::open(backend).await.map_err(|e| StartError::Store(e.to_string()))?;
+    let sm = StateMachineStore::open(backend)
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
     let state = sm.state();
     let applied = sm.applied_index();
     let network = HubNetwork::new(record.node_id, Arc::new(TlsChannels(peer_tls.clone())));
-    let raft = Raft::new(record.node_id, Arc::new(raft_config(cfg.raft)?), network, log, sm)
-        .await
-        .map_err(|e| StartError::Raft(e.to_string()))?;
-    let hub = Hub::new(record.node_id, raft.clone(), state, applied, peer_tls.clone(), cfg.timeouts);
+    let raft = Raft::new(
+        record.node_id,
+        Arc::new(raft_config(cfg.raft)?),
+        network,
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?;
+    let hub = Hub::new(
+        record.node_id,
+        raft.clone(),
+        state,
+        applied,
+        peer_tls.clone(),
+        cfg.timeouts,
+    );
 
     // Listeners.
     let authz = authz::Authz::new(record.domain.clone());
@@ -284,10 +331,22 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
         .into_server()
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
-    let raft_svc = tonic::service::interceptor::InterceptedService::new(raft_svc, move |req: tonic::Request<()>| {
-        raft_authz.require_hub(&req)?;
-        Ok(req)
-    });
+    let revocations = hub.clone();
+    let raft_svc = tonic::service::interceptor::InterceptedService::new(
+        raft_svc,
+        move |req: tonic::Request<()>| {
+            let caller = raft_authz.require_hub(&req)?;
+            // A removed node keeps a valid certificate; the replicated
+            // deny-list is what keeps it out.
+            if revocations.local(|s| s.is_revoked(pb::RevocationKind::Hub, &caller.to_string())) {
+                metrics::rejected("revoked");
+                return Err(tonic::Status::permission_denied(format!(
+                    "hub/{caller} was removed from the cluster and is revoked"
+                )));
+            }
+            Ok(req)
+        },
+    );
     let admin_svc = AdminServer::new(admin::AdminService::new(hub.clone(), authz))
         .max_decoding_message_size(MAX_ADMIN_MESSAGE);
     let incoming = tls_accept::incoming(grpc_listener, Arc::new(server_tls));
@@ -312,10 +371,19 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
 
     // First start of a bootstrap node: form the single-node cluster and
     // write the federation into it.
-    if let (StartMode::Bootstrap { domain, admin_config }, Some(ca)) = (&mode, ca_for_bootstrap) {
+    if let (
+        StartMode::Bootstrap {
+            domain,
+            admin_config,
+        },
+        Some(ca),
+    ) = (&mode, ca_for_bootstrap)
+    {
         let mut members = std::collections::BTreeMap::new();
         members.insert(record.node_id, HubNode::new(advertise.clone()));
-        raft.initialize(members).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        raft.initialize(members)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         hub.propose(pb::Command {
             kind: Some(Kind::InitFederation(pb::InitFederation {
                 federation: Some(pb::Federation {
@@ -327,7 +395,10 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
         })
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let op = ca.issue(&SpiffeId::operator(domain, "admin")?, OPERATOR_CERT_VALIDITY)?;
+        let op = ca.issue(
+            &SpiffeId::operator(domain, "admin")?,
+            OPERATOR_CERT_VALIDITY,
+        )?;
         AdminConfig {
             hubs: vec![advertise.clone()],
             domain: domain.clone(),
@@ -336,25 +407,47 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
             key_pem: op.key_pem,
         }
         .write(admin_config)
-        .map_err(|e| StartError::DataDir { dir: admin_config.clone(), message: e })?;
+        .map_err(|e| StartError::DataDir {
+            dir: admin_config.clone(),
+            message: e,
+        })?;
     }
     if let StartMode::Join { addr, .. } = &mode {
         // Now that we serve with our certificate, ask to become a voter.
-        let mut client = AdminClient::new(hub.peer_channel(addr).map_err(|e| StartError::Join { addr: addr.clone(), message: e.to_string() })?);
+        let mut client =
+            AdminClient::new(hub.peer_channel(addr).map_err(|e| StartError::Join {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?);
         client
-            .add_hub(pb::AddHubRequest { id: record.node_id, addr: advertise.clone() })
+            .add_hub(pb::AddHubRequest {
+                id: record.node_id,
+                addr: advertise.clone(),
+            })
             .await
-            .map_err(|s| StartError::Join { addr: addr.clone(), message: s.message().to_string() })?;
+            .map_err(|s| StartError::Join {
+                addr: addr.clone(),
+                message: s.message().to_string(),
+            })?;
     }
     files.save_record(&record)?;
     tracing::info!(node = record.node_id, grpc = %grpc_addr, http = %http_addr, "hub node serving");
-    Ok(RunningHub { hub, grpc_addr, http_addr, tasks })
+    Ok(RunningHub {
+        hub,
+        grpc_addr,
+        http_addr,
+        tasks,
+    })
 }
 
 /// Counts gRPC error responses by code (refusals in the codec, such as an
 /// oversized or malformed message, never reach a handler).
 fn count_status<B>(resp: ::http::Response<B>) -> ::http::Response<B> {
-    if let Some(code) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+    if let Some(code) = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+    {
         if code != "0" {
             let reason = match code {
                 "11" | "8" => Some("oversized"),
@@ -384,10 +477,15 @@ async fn join_cluster(
     http_addr: SocketAddr,
     advertise: &str,
 ) -> Result<NodeRecord, StartError> {
-    let jerr = |message: String| StartError::Join { addr: addr.to_string(), message };
-    let parsed = switchyard_pki::JoinToken::parse(token).map_err(|e| jerr(format!("bad token: {e}")))?;
+    let jerr = |message: String| StartError::Join {
+        addr: addr.to_string(),
+        message,
+    };
+    let parsed =
+        switchyard_pki::JoinToken::parse(token).map_err(|e| jerr(format!("bad token: {e}")))?;
     // Pin the CA from the token before sending its secret anywhere.
-    let tls = switchyard_pki::ca_pinned_client_config(&parsed.ca_fingerprint(), vec![ALPN_H2.to_vec()])?;
+    let tls =
+        switchyard_pki::ca_pinned_client_config(&parsed.ca_fingerprint(), vec![ALPN_H2.to_vec()])?;
     let channel = channel::tls_channel(addr, Arc::new(tls)).map_err(|e| jerr(e.to_string()))?;
     let mut client = AdminClient::new(channel);
     let domain = client
@@ -398,7 +496,12 @@ async fn join_cluster(
         .domain;
     let (csr_pem, key_pem) = switchyard_pki::generate_csr(&SpiffeId::hub(&domain, node_id)?)?;
     let resp = client
-        .join(pb::JoinRequest { token: token.to_string(), node_id, addr: advertise.to_string(), csr_pem })
+        .join(pb::JoinRequest {
+            token: token.to_string(),
+            node_id,
+            addr: advertise.to_string(),
+            csr_pem,
+        })
         .await
         .map_err(|s| jerr(s.message().to_string()))?
         .into_inner();

@@ -7,6 +7,6 @@
 pub mod metrics;
 pub mod node;
 pub mod raft;
-pub mod state;
 pub mod server;
+pub mod state;
 pub mod store;

@@ -184,11 +184,7 @@ impl Hub {
 
     /// A channel to another hub node.
     pub fn peer_channel(&self, addr: &str) -> Result<Channel, HubError> {
-        let mut peers = self
-            .inner
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = peers.get(addr) {
             return Ok(ch.clone());
         }
@@ -217,9 +213,7 @@ impl Hub {
                 }
             }
             let left = self.inner.timeouts.leader.saturating_sub(start.elapsed());
-            if left.is_zero()
-                || tokio::time::timeout(left, rx.changed()).await.is_err()
-            {
+            if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
                 return Err(HubError::NoLeader {
                     node: self.inner.id,
                     waited: self.inner.timeouts.leader,

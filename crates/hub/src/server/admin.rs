@@ -103,7 +103,9 @@ impl AdminService {
     async fn leader_admin<T>(
         &self,
         local: impl std::future::Future<Output = Result<T, Status>>,
-        remote: impl FnOnce(AdminClient<tonic::transport::Channel>) -> futures::future::BoxFuture<'static, Result<T, Status>>,
+        remote: impl FnOnce(
+            AdminClient<tonic::transport::Channel>,
+        ) -> futures::future::BoxFuture<'static, Result<T, Status>>,
     ) -> Result<T, Status> {
         let (leader, addr) = self.hub.leader().await?;
         if leader == self.hub.id() {
@@ -165,7 +167,10 @@ fn policy_key(k: Option<&pb::ServiceKey>) -> Result<(String, String), Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn federation(&self, _req: Request<pb::Empty>) -> Result<Response<pb::FederationInfo>, Status> {
+    async fn federation(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::FederationInfo>, Status> {
         let fed = self
             .hub
             .local(|s| s.federation.clone())
@@ -176,16 +181,25 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn status(&self, req: Request<pb::Empty>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         self.authz.require_operator(&req)?;
         let m = self.hub.raft().metrics().borrow_watched().clone();
         let (members, leader) = members(&self.hub);
         let (domain, pops, policies, tokens_open) = self.hub.local(|s: &State| {
             (
-                s.federation.as_ref().map(|f| f.domain.clone()).unwrap_or_default(),
+                s.federation
+                    .as_ref()
+                    .map(|f| f.domain.clone())
+                    .unwrap_or_default(),
                 s.pops.len() as u32,
                 s.policies.len() as u32,
-                s.tokens.values().filter(|t| !t.consumed && t.expires_at_ms > now_ms()).count() as u32,
+                s.tokens
+                    .values()
+                    .filter(|t| !t.consumed && t.expires_at_ms > now_ms())
+                    .count() as u32,
             )
         });
         Ok(Response::new(pb::StatusResponse {
@@ -223,7 +237,9 @@ impl Admin for AdminService {
             ms => Duration::from_millis(ms),
         };
         if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument("token TTL is above the 7 day maximum"));
+            return Err(Status::invalid_argument(
+                "token TTL is above the 7 day maximum",
+            ));
         }
         let ca = self.ca()?;
         let token = JoinToken::generate(&ca.fingerprint())
@@ -254,7 +270,10 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.authz.require_operator(&req)?;
         let c = Consistency::from(req.get_ref().consistency);
-        let tokens = self.hub.read(c, |s| s.tokens.values().cloned().collect()).await?;
+        let tokens = self
+            .hub
+            .read(c, |s| s.tokens.values().cloned().collect())
+            .await?;
         Ok(Response::new(pb::ListTokensResponse { tokens }))
     }
 
@@ -264,14 +283,21 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CommandResult>, Status> {
         // The token itself is the credential: no certificate needed.
         let r = req.into_inner();
-        let out = self.consume(&r.token, pb::TokenKind::Pop, r.consumer).await?;
+        let out = self
+            .consume(&r.token, pb::TokenKind::Pop, r.consumer)
+            .await?;
         Ok(Response::new(out))
     }
 
-    async fn put_pop(&self, req: Request<pb::PutPopRequest>) -> Result<Response<pb::PutPopResponse>, Status> {
+    async fn put_pop(
+        &self,
+        req: Request<pb::PutPopRequest>,
+    ) -> Result<Response<pb::PutPopResponse>, Status> {
         self.authz.require_operator(&req)?;
         let r = req.into_inner();
-        let pop = r.pop.ok_or_else(|| Status::invalid_argument("pop missing"))?;
+        let pop = r
+            .pop
+            .ok_or_else(|| Status::invalid_argument("pop missing"))?;
         let name = pop.name.clone();
         let res = self
             .write(Kind::UpsertPop(pb::UpsertPop {
@@ -281,7 +307,10 @@ impl Admin for AdminService {
             }))
             .await?;
         let pop = self.hub.local(|s| s.pops.get(&name).cloned());
-        Ok(Response::new(pb::PutPopResponse { pop, index: res.index }))
+        Ok(Response::new(pb::PutPopResponse {
+            pop,
+            index: res.index,
+        }))
     }
 
     async fn get_pop(&self, req: Request<pb::GetPopRequest>) -> Result<Response<pb::Pop>, Status> {
@@ -295,10 +324,16 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("no POP named {}", r.name)))
     }
 
-    async fn list_pops(&self, req: Request<pb::ListPopsRequest>) -> Result<Response<pb::ListPopsResponse>, Status> {
+    async fn list_pops(
+        &self,
+        req: Request<pb::ListPopsRequest>,
+    ) -> Result<Response<pb::ListPopsResponse>, Status> {
         self.authz.require_operator(&req)?;
         let c = Consistency::from(req.get_ref().consistency);
-        let pops = self.hub.read(c, |s| s.pops.values().cloned().collect()).await?;
+        let pops = self
+            .hub
+            .read(c, |s| s.pops.values().cloned().collect())
+            .await?;
         let applied_index = self
             .hub
             .raft()
@@ -308,25 +343,44 @@ impl Admin for AdminService {
             .as_ref()
             .map(|l| l.index())
             .unwrap_or(0);
-        Ok(Response::new(pb::ListPopsResponse { pops, applied_index }))
+        Ok(Response::new(pb::ListPopsResponse {
+            pops,
+            applied_index,
+        }))
     }
 
-    async fn remove_pop(&self, req: Request<pb::RemovePopRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn remove_pop(
+        &self,
+        req: Request<pb::RemovePopRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.authz.require_operator(&req)?;
         let name = req.into_inner().name;
         let r = self.write(Kind::RemovePop(pb::RemovePop { name })).await?;
         Ok(Response::new(pb::WriteResponse { index: r.index }))
     }
 
-    async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.authz.require_operator(&req)?;
-        let policy = req.into_inner().policy.ok_or_else(|| Status::invalid_argument("policy missing"))?;
+        let policy = req
+            .into_inner()
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy missing"))?;
         policy_key(policy.service.as_ref())?;
-        let r = self.write(Kind::SetPolicy(pb::SetPolicy { policy: Some(policy) })).await?;
+        let r = self
+            .write(Kind::SetPolicy(pb::SetPolicy {
+                policy: Some(policy),
+            }))
+            .await?;
         Ok(Response::new(pb::WriteResponse { index: r.index }))
     }
 
-    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::TrafficPolicy>, Status> {
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::TrafficPolicy>, Status> {
         self.authz.require_operator(&req)?;
         let r = req.into_inner();
         let key = policy_key(r.service.as_ref())?;
@@ -344,7 +398,10 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         self.authz.require_operator(&req)?;
         let c = Consistency::from(req.get_ref().consistency);
-        let policies = self.hub.read(c, |s| s.policies.values().cloned().collect()).await?;
+        let policies = self
+            .hub
+            .read(c, |s| s.policies.values().cloned().collect())
+            .await?;
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
     }
 
@@ -355,22 +412,40 @@ impl Admin for AdminService {
         self.authz.require_operator(&req)?;
         let service = req.into_inner().service;
         policy_key(service.as_ref())?;
-        let r = self.write(Kind::DeletePolicy(pb::DeletePolicy { service })).await?;
+        let r = self
+            .write(Kind::DeletePolicy(pb::DeletePolicy { service }))
+            .await?;
         Ok(Response::new(pb::WriteResponse { index: r.index }))
     }
 
-    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.authz.require_operator(&req)?;
-        let mut revocation = req.into_inner().revocation.ok_or_else(|| Status::invalid_argument("revocation missing"))?;
+        let mut revocation = req
+            .into_inner()
+            .revocation
+            .ok_or_else(|| Status::invalid_argument("revocation missing"))?;
         revocation.at_ms = now_ms();
-        let r = self.write(Kind::AddRevocation(pb::AddRevocation { revocation: Some(revocation) })).await?;
+        let r = self
+            .write(Kind::AddRevocation(pb::AddRevocation {
+                revocation: Some(revocation),
+            }))
+            .await?;
         Ok(Response::new(pb::WriteResponse { index: r.index }))
     }
 
-    async fn list_members(&self, req: Request<pb::Empty>) -> Result<Response<pb::ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
         self.authz.require_operator(&req)?;
         let (members, leader_id) = members(&self.hub);
-        Ok(Response::new(pb::ListMembersResponse { members, leader_id }))
+        Ok(Response::new(pb::ListMembersResponse {
+            members,
+            leader_id,
+        }))
     }
 
     async fn remove_member(
@@ -381,7 +456,9 @@ impl Admin for AdminService {
         let caller = self.authz.caller(&req)?;
         if !matches!(caller, SpiffeId::Operator { .. } | SpiffeId::Hub { .. }) {
             metrics::rejected("wrong_role");
-            return Err(Status::permission_denied(format!("{caller} may not remove hub members")));
+            return Err(Status::permission_denied(format!(
+                "{caller} may not remove hub members"
+            )));
         }
         let r = req.into_inner();
         let id = r.id;
@@ -407,10 +484,15 @@ impl Admin for AdminService {
         Ok(Response::new(pb::WriteResponse { index }))
     }
 
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
         if r.node_id == 0 {
-            return Err(Status::invalid_argument("node id 0 is reserved; pick --node-id N >= 1"));
+            return Err(Status::invalid_argument(
+                "node id 0 is reserved; pick --node-id N >= 1",
+            ));
         }
         let (members, _) = members(&self.hub);
         if members.iter().any(|m| m.id == r.node_id) {
@@ -426,9 +508,12 @@ impl Admin for AdminService {
         let probe = ca.sign_csr(&r.csr_pem, &expected, Duration::from_secs(60));
         if let Err(e) = probe {
             metrics::rejected("bad_csr");
-            return Err(Status::invalid_argument(format!("certificate request: {e}")));
+            return Err(Status::invalid_argument(format!(
+                "certificate request: {e}"
+            )));
         }
-        self.consume(&r.token, pb::TokenKind::Hub, format!("hub/{}", r.node_id)).await?;
+        self.consume(&r.token, pb::TokenKind::Hub, format!("hub/{}", r.node_id))
+            .await?;
         let cert_pem = ca
             .sign_csr(&r.csr_pem, &expected, HUB_CERT_VALIDITY)
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -440,7 +525,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn add_hub(&self, req: Request<pb::AddHubRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn add_hub(
+        &self,
+        req: Request<pb::AddHubRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let caller = self.authz.require_hub(&req)?;
         let r = req.into_inner();
         // Forwarded calls come from other members; direct ones only from
@@ -453,9 +541,15 @@ impl Admin for AdminService {
                 r.id
             )));
         }
-        if self.hub.local(|s| s.is_revoked(pb::RevocationKind::Hub, &r.id.to_string())) {
+        if self
+            .hub
+            .local(|s| s.is_revoked(pb::RevocationKind::Hub, &r.id.to_string()))
+        {
             metrics::rejected("revoked");
-            return Err(Status::permission_denied(format!("hub/{} was removed and is revoked", r.id)));
+            return Err(Status::permission_denied(format!(
+                "hub/{} was removed and is revoked",
+                r.id
+            )));
         }
         let hub = self.hub.clone();
         let (id, addr) = (r.id, r.addr.clone());

@@ -23,26 +23,33 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A lazy channel to `addr` (`host:port`) that dials with `tls`. Connecting
 /// happens on first use and again after failures, so a node that is down
 /// now costs nothing until it is needed.
-pub fn tls_channel(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+pub fn tls_channel(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     let connector = TlsConnector::from(tls);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
-        let connector = connector.clone();
-        async move {
-            let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
-            let port = uri.port_u16().unwrap_or(443);
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(SNI_NAME)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    })))
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+            let connector = connector.clone();
+            async move {
+                let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+                let port = uri.port_u16().unwrap_or(443);
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                    })??;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from(SNI_NAME)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        })),
+    )
 }

@@ -96,22 +96,28 @@ impl NodeFiles {
     /// Records the node (last step of setting it up).
     pub fn save_record(&self, r: &NodeRecord) -> Result<(), StartError> {
         let text = toml::to_string(r).map_err(|e| dir_err(&self.dir, e))?;
-        write_private(&self.record_path(), text.as_bytes(), 0o644).map_err(|e| dir_err(&self.dir, e))
+        write_private(&self.record_path(), text.as_bytes(), 0o644)
+            .map_err(|e| dir_err(&self.dir, e))
     }
 
     /// Stores the CA certificate and this node's certificate and key.
     pub fn write_tls(&self, ca: &str, cert: &str, key: &str) -> Result<(), StartError> {
         let tls = self.dir.join("tls");
         fs::create_dir_all(&tls).map_err(|e| dir_err(&self.dir, e))?;
-        write_private(&tls.join("ca.pem"), ca.as_bytes(), 0o644).map_err(|e| dir_err(&self.dir, e))?;
-        write_private(&tls.join("node.pem"), cert.as_bytes(), 0o644).map_err(|e| dir_err(&self.dir, e))?;
-        write_private(&tls.join("node.key"), key.as_bytes(), 0o600).map_err(|e| dir_err(&self.dir, e))
+        write_private(&tls.join("ca.pem"), ca.as_bytes(), 0o644)
+            .map_err(|e| dir_err(&self.dir, e))?;
+        write_private(&tls.join("node.pem"), cert.as_bytes(), 0o644)
+            .map_err(|e| dir_err(&self.dir, e))?;
+        write_private(&tls.join("node.key"), key.as_bytes(), 0o600)
+            .map_err(|e| dir_err(&self.dir, e))
     }
 
     /// Reads (CA, certificate, key) PEMs.
     pub fn read_tls(&self) -> Result<(String, String, String), StartError> {
         let tls = self.dir.join("tls");
-        let read = |n: &str| fs::read_to_string(tls.join(n)).map_err(|e| dir_err(&self.dir, format!("tls/{n}: {e}")));
+        let read = |n: &str| {
+            fs::read_to_string(tls.join(n)).map_err(|e| dir_err(&self.dir, format!("tls/{n}: {e}")))
+        };
         Ok((read("ca.pem")?, read("node.pem")?, read("node.key")?))
     }
 }

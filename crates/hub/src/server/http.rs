@@ -1,6 +1,8 @@
 //! The node's HTTP listener: `/healthz`, `/readyz`, `/metrics`.
 
-use axum::{extract::State as AxState, http::StatusCode, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::State as AxState, http::StatusCode, response::IntoResponse, routing::get, Router,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use openraft::async_runtime::watch::WatchReceiver;
 
@@ -28,12 +30,18 @@ async fn readyz(AxState(ctx): AxState<Ctx>) -> impl IntoResponse {
     let committed = m.local_committed.as_ref().map(|l| l.index()).unwrap_or(0);
     let applied = m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0);
     match m.current_leader {
-        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader known\n".to_string()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no leader known\n".to_string(),
+        ),
         Some(_) if applied < committed => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: applied {applied} < committed {committed}\n"),
         ),
-        Some(l) => (StatusCode::OK, format!("ready: leader {l}, applied {applied}\n")),
+        Some(l) => (
+            StatusCode::OK,
+            format!("ready: leader {l}, applied {applied}\n"),
+        ),
     }
 }
 

@@ -23,11 +23,11 @@ use crate::{
     metrics,
     node::{Hub, Timeouts},
     raft::{
-        network::{ChannelError, ChannelFactory, HubNetwork},
+        network::{ChannelError, ChannelFactory},
         service::RaftService,
-        types::{Config, HubNode, Raft},
+        types::{Config, HubNode},
     },
-    store::{backend::RedbBackend, log::LogStore, state_machine::StateMachineStore},
+    store::backend::RedbBackend,
 };
 
 /// ALPN of the hub's gRPC listener.
@@ -175,15 +175,10 @@ impl ChannelFactory for TlsChannels {
 }
 
 fn raft_config(t: RaftTimings) -> Result<Config, StartError> {
-    let c = Config {
-        cluster_name: "switchyard-hub".into(),
-        heartbeat_interval: t.heartbeat_ms,
-        election_timeout_min: t.election_min_ms,
-        election_timeout_max: t.election_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1000,
-        ..Default::default()
-    };
+    let mut c = crate::raft::default_config().map_err(|e| StartError::Raft(e.to_string()))?;
+    c.heartbeat_interval = t.heartbeat_ms;
+    c.election_timeout_min = t.election_min_ms;
+    c.election_timeout_max = t.election_max_ms;
     c.validate().map_err(|e| StartError::Raft(e.to_string()))
 }
 
@@ -298,23 +293,17 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     // Raft.
     let backend =
         RedbBackend::open(files.raft_db()).map_err(|e| StartError::Store(e.to_string()))?;
-    let backend: Arc<dyn crate::store::backend::Backend> = Arc::new(backend);
-    let log = LogStore::new(backend.clone());
-    let sm = StateMachineStore::open(backend)
-        .await
-        .map_err(|e| StartError::Store(e.to_string()))?;
-    let state = sm.state();
-    let applied = sm.applied_index();
-    let network = HubNetwork::new(record.node_id, Arc::new(TlsChannels(peer_tls.clone())));
-    let raft = Raft::new(
+    let node = crate::raft::start(
         record.node_id,
-        Arc::new(raft_config(cfg.raft)?),
-        network,
-        log,
-        sm,
+        raft_config(cfg.raft)?,
+        Arc::new(backend),
+        Arc::new(TlsChannels(peer_tls.clone())),
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    let raft = node.raft.clone();
+    let state = node.state_machine.state();
+    let applied = node.state_machine.applied_index();
     let hub = Hub::new(
         record.node_id,
         raft.clone(),

@@ -53,7 +53,11 @@ impl State {
             Kind::UpsertPop(c) => self.upsert_pop(index, c),
             Kind::RemovePop(c) => match self.pops.remove(&c.name) {
                 Some(_) => result_ok(index),
-                None => result_err(index, ErrorCode::NotFound, format!("no POP named {}", c.name)),
+                None => result_err(
+                    index,
+                    ErrorCode::NotFound,
+                    format!("no POP named {}", c.name),
+                ),
             },
             Kind::IssueToken(c) => self.issue_token(index, c),
             Kind::ConsumeToken(c) => self.consume_token(index, c),
@@ -94,7 +98,11 @@ impl State {
                 self.federation = Some(f.clone());
                 result_ok(index)
             }
-            _ => result_err(index, ErrorCode::Invalid, "federation needs a domain and a CA"),
+            _ => result_err(
+                index,
+                ErrorCode::Invalid,
+                "federation needs a domain and a CA",
+            ),
         }
     }
 
@@ -178,10 +186,18 @@ impl State {
             );
         }
         if t.secret_sha256 != c.secret_sha256 {
-            return result_err(index, ErrorCode::TokenMismatch, "join token secret does not match");
+            return result_err(
+                index,
+                ErrorCode::TokenMismatch,
+                "join token secret does not match",
+            );
         }
         if t.consumed {
-            return result_err(index, ErrorCode::TokenConsumed, "join token was already used");
+            return result_err(
+                index,
+                ErrorCode::TokenConsumed,
+                "join token was already used",
+            );
         }
         if c.now_ms >= t.expires_at_ms {
             return result_err(index, ErrorCode::TokenExpired, "join token has expired");
@@ -213,7 +229,11 @@ impl State {
         };
         let key = service_key(p.service.as_ref());
         if key.0.is_empty() || key.1.is_empty() {
-            return result_err(index, ErrorCode::Invalid, "policy needs a namespace and a name");
+            return result_err(
+                index,
+                ErrorCode::Invalid,
+                "policy needs a namespace and a name",
+            );
         }
         if p.min_healthy_permille > 1000 {
             return result_err(index, ErrorCode::Invalid, "min_healthy is above 100%");

@@ -61,7 +61,10 @@ const H2: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
 #[test]
 fn nothing_before_init() {
     let mut s = State::default();
-    assert_eq!(code(&s.apply(1, &upsert("a", false))), ErrorCode::NotInitialized);
+    assert_eq!(
+        code(&s.apply(1, &upsert("a", false))),
+        ErrorCode::NotInitialized
+    );
     assert_eq!(code(&s.apply(2, &init())), ErrorCode::None);
     assert_eq!(code(&s.apply(3, &init())), ErrorCode::AlreadyExists);
 }
@@ -71,11 +74,20 @@ fn pop_create_update_remove() {
     let mut s = State::default();
     s.apply(1, &init());
     assert_eq!(code(&s.apply(2, &upsert("north-1", true))), ErrorCode::None);
-    assert_eq!(code(&s.apply(3, &upsert("north-1", true))), ErrorCode::AlreadyExists);
-    assert_eq!(code(&s.apply(4, &upsert("north-1", false))), ErrorCode::None);
+    assert_eq!(
+        code(&s.apply(3, &upsert("north-1", true))),
+        ErrorCode::AlreadyExists
+    );
+    assert_eq!(
+        code(&s.apply(4, &upsert("north-1", false))),
+        ErrorCode::None
+    );
     let p = &s.pops["north-1"];
     assert_eq!((p.created_index, p.updated_index), (2, 4));
-    assert_eq!(code(&s.apply(5, &upsert("Bad_Name", false))), ErrorCode::Invalid);
+    assert_eq!(
+        code(&s.apply(5, &upsert("Bad_Name", false))),
+        ErrorCode::Invalid
+    );
     let rm = cmd(Kind::RemovePop(pb::RemovePop {
         name: "north-1".into(),
     }));
@@ -88,13 +100,25 @@ fn token_consumed_exactly_once() {
     let mut s = State::default();
     s.apply(1, &init());
     s.apply(2, &token("abc123", H, 100));
-    assert_eq!(code(&s.apply(3, &consume("abc123", H2, 10, "x"))), ErrorCode::TokenMismatch);
-    assert_eq!(code(&s.apply(4, &consume("nope", H, 10, "x"))), ErrorCode::NotFound);
+    assert_eq!(
+        code(&s.apply(3, &consume("abc123", H2, 10, "x"))),
+        ErrorCode::TokenMismatch
+    );
+    assert_eq!(
+        code(&s.apply(4, &consume("nope", H, 10, "x"))),
+        ErrorCode::NotFound
+    );
     let won = s.apply(5, &consume("abc123", H, 10, "first"));
     assert_eq!(code(&won), ErrorCode::None);
     assert_eq!(won.token.map(|t| t.consumed_by), Some("first".into()));
-    assert!(s.pops.contains_key("north-1"), "consuming a POP token enrols the POP");
-    assert_eq!(code(&s.apply(6, &consume("abc123", H, 11, "second"))), ErrorCode::TokenConsumed);
+    assert!(
+        s.pops.contains_key("north-1"),
+        "consuming a POP token enrols the POP"
+    );
+    assert_eq!(
+        code(&s.apply(6, &consume("abc123", H, 11, "second"))),
+        ErrorCode::TokenConsumed
+    );
 }
 
 #[test]
@@ -102,7 +126,10 @@ fn expired_token_refused() {
     let mut s = State::default();
     s.apply(1, &init());
     s.apply(2, &token("abc123", H, 100));
-    assert_eq!(code(&s.apply(3, &consume("abc123", H, 100, "x"))), ErrorCode::TokenExpired);
+    assert_eq!(
+        code(&s.apply(3, &consume("abc123", H, 100, "x"))),
+        ErrorCode::TokenExpired
+    );
 }
 
 #[test]
@@ -120,7 +147,9 @@ fn arb_command() -> impl Strategy<Value = pb::Command> {
     let ids = prop::sample::select(vec!["t1", "t2"]);
     prop_oneof![
         (names.clone(), any::<bool>()).prop_map(|(n, c)| upsert(n, c)),
-        names.clone().prop_map(|n| cmd(Kind::RemovePop(pb::RemovePop { name: n.into() }))),
+        names
+            .clone()
+            .prop_map(|n| cmd(Kind::RemovePop(pb::RemovePop { name: n.into() }))),
         (ids.clone(), 0i64..200).prop_map(|(i, e)| token(i, H, e)),
         (ids, prop::sample::select(vec![H, H2]), 0i64..200, names)
             .prop_map(|(i, h, now, who)| consume(i, h, now, who)),

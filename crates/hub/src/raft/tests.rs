@@ -34,9 +34,11 @@ struct TestNode {
 fn test_config() -> Config {
     Config {
         cluster_name: "test".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        // Generous: a loaded 2-core CI machine must not see spurious
+        // elections, which would move leadership mid-test.
+        heartbeat_interval: 100,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
         ..Default::default()
     }
     .validate()

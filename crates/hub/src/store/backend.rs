@@ -145,6 +145,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Applies `batch` atomically. When this returns `Ok`, the batch is on
     /// stable storage (fsynced) and visible to every later read.
     fn commit(&self, batch: WriteBatch) -> Result<(), BackendError>;
+
+    /// Applies `batch` atomically and makes it visible, but it need only
+    /// reach stable storage with the next [`Backend::commit`]. For data
+    /// whose loss in a crash is harmless (the committed index: Raft
+    /// re-learns it from the leader). The default is a durable commit.
+    fn commit_lazy(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.commit(batch)
+    }
 }
 
 /// [`Backend`] over one redb file, every commit with `Durability::Immediate`.
@@ -216,8 +224,18 @@ impl Backend for RedbBackend {
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.commit_with(batch, Durability::Immediate)
+    }
+
+    fn commit_lazy(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.commit_with(batch, Durability::None)
+    }
+}
+
+impl RedbBackend {
+    fn commit_with(&self, batch: WriteBatch, durability: Durability) -> Result<(), BackendError> {
         let mut tx = self.db.begin_write().map_err(redb_err)?;
-        tx.set_durability(Durability::Immediate).map_err(redb_err)?;
+        tx.set_durability(durability).map_err(redb_err)?;
         {
             let mut log = tx.open_table(LOG).map_err(redb_err)?;
             let mut meta = tx.open_table(META).map_err(redb_err)?;

@@ -190,7 +190,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ),
             None => wb.delete(Table::Meta, KEY_COMMITTED),
         }
-        self.commit(wb).await
+        // The committed index is a hint for faster recovery; losing the
+        // newest value in a crash is safe, so it rides on the next fsync
+        // instead of costing one of its own.
+        let b = self.backend.clone();
+        blocking(move || b.commit_lazy(wb)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

@@ -247,21 +247,46 @@ impl Hub {
         if out.is_ok() {
             ::metrics::histogram!(metrics::COMMIT_LATENCY).record(start.elapsed().as_secs_f64());
         }
-        out
+        // Tell the client its write was not acknowledged, not only that no
+        // leader is known or the leader was unreachable (an earlier attempt
+        // may have reached a leader that then lost its majority).
+        out.map_err(|e| match e {
+            HubError::NoLeader { node, waited } => HubError::Timeout {
+                node,
+                what: "write (no leader)",
+                after: waited,
+            },
+            HubError::Forward {
+                node,
+                leader,
+                addr,
+                message,
+            } => HubError::Forward {
+                node,
+                leader,
+                addr,
+                message: format!(
+                    "{message}. The write was NOT acknowledged; retry when the cluster is healthy"
+                ),
+            },
+            e => e,
+        })
     }
 
     async fn propose_inner(&self, cmd: pb::Command) -> Result<pb::CommandResult, HubError> {
-        // Leadership can move while we forward: retry a few times on a
-        // "not leader" answer, each time against the newest leader.
-        let mut last_err = None;
-        for _ in 0..5 {
+        // Leadership can move while we forward: retry on a "not leader"
+        // answer, each time against the newest leader. A leader that lost
+        // its majority steps down and answers "forward to: none" until an
+        // election ends, so retry until `propose`'s write deadline rather
+        // than a fixed number of times (which failed such writes at once
+        // with an unclear internal error).
+        loop {
             let (leader, addr) = self.leader().await?;
             if leader == self.inner.id {
                 match self.inner.raft.client_write(RaftCommand(cmd.clone())).await {
                     Ok(resp) => return Ok(resp.data),
                     Err(e) => {
                         if e.forward_to_leader().is_some() {
-                            last_err = Some(self.raft_err(e));
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
@@ -278,16 +303,11 @@ impl Hub {
             {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    last_err = Some(self.forward_err(leader, &addr, s.message()));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(s) => return Err(self.forward_err(leader, &addr, s.message())),
             }
         }
-        Err(last_err.unwrap_or(HubError::NoLeader {
-            node: self.inner.id,
-            waited: self.inner.timeouts.leader,
-        }))
     }
 
     /// Runs `f` on the state once it reflects every write acknowledged

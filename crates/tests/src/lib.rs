@@ -294,6 +294,7 @@ impl Cluster {
             .arg(&node.ready_file)
             .args(&self.opts.hub_args)
             .env("RUST_LOG", "info,openraft=warn,h2=warn,tower=warn")
+            .env("NO_COLOR", "1")
             .env_remove("SWITCHYARD_CONFIG")
             .env_remove("SWITCHYARD_TOKEN")
             .stdin(Stdio::null())

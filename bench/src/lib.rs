@@ -1,0 +1,29 @@
+//! Benchmarks for Switchyard. The `hub-vs-etcd` binary measures hub write
+//! throughput and commit latency next to a 3-member etcd cluster; this
+//! library holds its pieces (process launchers, clients, statistics).
+
+pub mod etcd;
+pub mod hub;
+pub mod load;
+pub mod proc;
+
+/// The vendored minimal etcd v3 API (`bench/proto/etcd/rpc.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// Reserves `n` distinct free loopback TCP ports by binding port 0 and
+/// releasing them. A process started right after can take them (there is a
+/// small race with other programs on the machine, acceptable for a bench).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("cannot bind a loopback port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| anyhow::anyhow!("cannot read a bound port: {e}"))
+}

@@ -57,12 +57,13 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp).into_fallible()).await {
         Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
+        Ok(Err((e, tcp))) => {
             let reason = classify(&e);
             metrics::rejected(reason);
             tracing::info!(%peer, reason, error = %e, "TLS handshake refused");
+            linger(tcp).await;
             None
         }
         Err(_) => {
@@ -71,6 +72,27 @@ async fn handshake(
             None
         }
     }
+}
+
+/// How long a refused connection is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a refused connection so that the client reads our TLS alert (e.g.
+/// "unknown CA"): send FIN, then read and discard what the client already
+/// sent. Closing a socket with unread input sends a reset instead, and the
+/// client then sees only "connection reset" or "broken pipe".
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn classify(e: &std::io::Error) -> &'static str {

@@ -1,6 +1,8 @@
 //! The `switchyard` command itself: help, JSON listings, and one clear line
 //! when the operator credentials are missing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{path::Path, process::Command};
 
 use switchyard_tests::Cluster;

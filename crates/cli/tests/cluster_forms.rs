@@ -2,6 +2,8 @@
 //! write through every node succeeds and every node reads all of them back
 //! linearizably.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use switchyard_proto::pb;

@@ -3,6 +3,8 @@
 //! again. Afterwards a linearizable read on every node holds every
 //! acknowledged write and nothing that was never attempted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::BTreeSet,
     path::Path,

@@ -2,6 +2,8 @@
 //! within a bounded time and is not acknowledged; once the nodes return,
 //! writes succeed again.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     path::Path,
     time::{Duration, Instant},

@@ -1,6 +1,8 @@
 //! Stop every node (SIGTERM), start them all again: POPs, policies and
 //! tokens are intact, and the cluster takes writes again.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use switchyard_proto::pb;

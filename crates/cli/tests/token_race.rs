@@ -2,6 +2,8 @@
 //! spread over the 3 nodes, see exactly one winner; everyone else, a replay
 //! and an expired token get a clear "permission denied".
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{path::Path, sync::Arc, time::Duration};
 
 use switchyard_hub::server::ALPN_H2;

@@ -58,14 +58,17 @@ impl std::fmt::Debug for HubRaft {
 }
 
 /// The hub's Raft timing defaults: heartbeats every 100 ms, elections after
-/// 500–1000 ms of silence, a snapshot every 1000 applied entries.
+/// 500–1000 ms of silence, a snapshot every 50,000 applied entries.
 pub fn default_config() -> Result<Config, openraft::ConfigError> {
     Config {
         cluster_name: "switchyard-hub".to_string(),
         heartbeat_interval: 100,
         election_timeout_min: 500,
         election_timeout_max: 1000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+        // A snapshot encodes the whole state: taking one every 1000 writes
+        // made its cost dominate under load. The log since the last
+        // snapshot costs disk only.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(50_000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     }

@@ -155,6 +155,9 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Page cache of the redb file (bytes).
+pub const REDB_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 /// [`Backend`] over one redb file, every commit with `Durability::Immediate`.
 pub struct RedbBackend {
     db: Database,
@@ -173,7 +176,13 @@ fn redb_err(e: impl Into<redb::Error>) -> BackendError {
 impl RedbBackend {
     /// Opens `path`, creating the file and tables when absent.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, BackendError> {
-        let db = Database::create(path).map_err(redb_err)?;
+        // redb's default page cache is 1 GiB; the hub's state lives in
+        // memory already and the log is read back rarely (replication of
+        // recent entries, recovery), so a small cache keeps RSS small.
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path)
+            .map_err(redb_err)?;
         // Creating the tables up front lets readers treat "no table" as a bug.
         let mut tx = db.begin_write().map_err(redb_err)?;
         tx.set_durability(Durability::Immediate).map_err(redb_err)?;

@@ -194,32 +194,9 @@ async fn members(g: &Global, m: MembersCmd) -> Result<()> {
             match g.output {
                 output::Format::Json => output::json(&serde_json::json!({
                     "leader_id": r.leader_id,
-                    "members": r.members.iter().map(|m| serde_json::json!({
-                        "id": m.id, "addr": m.addr, "voter": m.voter,
-                        "leader": m.leader, "matched_index": m.matched_index,
-                    })).collect::<Vec<_>>(),
+                    "members": r.members.iter().map(member_json).collect::<Vec<_>>(),
                 })),
-                output::Format::Table => output::table(
-                    &["ID", "ADDRESS", "ROLE", "MATCHED"],
-                    &r.members
-                        .iter()
-                        .map(|m| {
-                            vec![
-                                m.id.to_string(),
-                                m.addr.clone(),
-                                if m.leader {
-                                    "leader"
-                                } else if m.voter {
-                                    "voter"
-                                } else {
-                                    "learner"
-                                }
-                                .into(),
-                                m.matched_index.to_string(),
-                            ]
-                        })
-                        .collect::<Vec<_>>(),
-                ),
+                output::Format::Table => member_table(&r.members),
             }
         }
         MembersCmd::Remove { id } => {
@@ -233,4 +210,39 @@ async fn members(g: &Global, m: MembersCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One hub member as JSON.
+pub fn member_json(m: &pb::Member) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id, "addr": m.addr, "voter": m.voter,
+        "leader": m.leader, "matched_index": m.matched_index,
+    })
+}
+
+/// Hub members as a table.
+pub fn member_table(members: &[pb::Member]) {
+    let role = |m: &pb::Member| {
+        if m.leader {
+            "leader"
+        } else if m.voter {
+            "voter"
+        } else {
+            "learner"
+        }
+    };
+    output::table(
+        &["HUB", "ADDRESS", "ROLE", "MATCHED"],
+        &members
+            .iter()
+            .map(|m| {
+                vec![
+                    m.id.to_string(),
+                    m.addr.clone(),
+                    role(m).into(),
+                    m.matched_index.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
 }

@@ -606,11 +606,7 @@ pub async fn status(g: &Global) -> Result<()> {
         .await
         .map_err(|s| client::status_err(&addr, s))?
         .into_inner();
-    let members: Vec<Value> = s
-        .members
-        .iter()
-        .map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter, "leader": m.leader, "matched_index": m.matched_index}))
-        .collect();
+    let members: Vec<Value> = s.members.iter().map(super::hub::member_json).collect();
     match g.output {
         output::Format::Json => output::json(&json!({
             "node_id": s.node_id, "domain": s.domain, "term": s.term, "leader_id": s.leader_id,
@@ -640,27 +636,7 @@ pub async fn status(g: &Global) -> Result<()> {
                 s.pops, s.policies, s.tokens_open
             );
             println!();
-            output::table(
-                &["HUB", "ADDRESS", "ROLE", "MATCHED"],
-                &s.members
-                    .iter()
-                    .map(|m| {
-                        vec![
-                            m.id.to_string(),
-                            m.addr.clone(),
-                            if m.leader {
-                                "leader"
-                            } else if m.voter {
-                                "voter"
-                            } else {
-                                "learner"
-                            }
-                            .into(),
-                            m.matched_index.to_string(),
-                        ]
-                    })
-                    .collect::<Vec<_>>(),
-            );
+            super::hub::member_table(&s.members);
         }
     }
     Ok(())

@@ -11,7 +11,8 @@ use openraft::{OptionalSend, RaftLogReader};
 use prost::Message;
 use switchyard_proto::pb;
 
-use super::backend::{Backend, BackendError, Table, WriteBatch};
+use super::backend::{Backend, Table, WriteBatch};
+use super::{blocking, invalid};
 use crate::raft::convert;
 use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
 
@@ -21,22 +22,6 @@ const KEY_PURGED: &[u8] = b"last_purged";
 
 fn index_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
-}
-
-fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
-}
-
-/// Runs a blocking backend call off the async runtime.
-async fn blocking<T, F>(f: F) -> io::Result<T>
-where
-    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(io::Error::from),
-        Err(e) => Err(io::Error::other(format!("storage task failed: {e}"))),
-    }
 }
 
 fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {

@@ -37,3 +37,20 @@ pub async fn open(backend: Arc<dyn Backend>) -> Result<(LogStore, StateMachineSt
     let sm = StateMachineStore::open(backend.clone()).await?;
     Ok((LogStore::new(backend), sm))
 }
+
+/// Runs a blocking backend call off the async runtime.
+async fn blocking<T, F>(f: F) -> std::io::Result<T>
+where
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(std::io::Error::from),
+        Err(e) => Err(std::io::Error::other(format!("storage task failed: {e}"))),
+    }
+}
+
+/// Stored bytes that do not decode.
+fn invalid(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
+}

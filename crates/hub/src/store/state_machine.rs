@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::backend::{Backend, BackendError, Table, WriteBatch};
 use super::StoreError;
+use super::{blocking, invalid};
 use crate::raft::convert;
 use crate::raft::types::{
     EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
@@ -25,21 +26,6 @@ use crate::state::State;
 
 const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
-
-fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
-}
-
-async fn blocking<T, F>(f: F) -> io::Result<T>
-where
-    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(io::Error::from),
-        Err(e) => Err(io::Error::other(format!("storage task failed: {e}"))),
-    }
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

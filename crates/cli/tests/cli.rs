@@ -27,7 +27,8 @@ fn help_exits_zero_and_lists_the_subcommands() {
 
 #[test]
 fn missing_credentials_fail_with_one_clear_line() {
-    let dir = tempfile_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let missing = dir.join("nope.toml");
     for args in [
         vec!["status"],
@@ -38,8 +39,8 @@ fn missing_credentials_fail_with_one_clear_line() {
             .args(&args)
             .env_remove("SWITCHYARD_CONFIG")
             // No default file either.
-            .env("HOME", &dir)
-            .env("XDG_CONFIG_HOME", &dir)
+            .env("HOME", dir)
+            .env("XDG_CONFIG_HOME", dir)
             .output()
             .unwrap();
         assert!(
@@ -55,27 +56,14 @@ fn missing_credentials_fail_with_one_clear_line() {
         );
         println!("{args:?}: {}", lines[0]);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("switchyard-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_print_valid_json() {
     let c = Cluster::start(bin(), 1).await.unwrap();
-    let out = c
-        .run_cli(["pop", "add", "north-1", "--region", "north"])
+    c.run_cli_ok(["pop", "add", "north-1", "--region", "north"])
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for (args, check) in [
         (vec!["pop", "list", "-o", "json"], "array"),
         (vec!["pop", "list", "--local", "-o", "json"], "array"),
@@ -85,16 +73,11 @@ async fn listings_print_valid_json() {
         (vec!["status", "-o", "json"], "object"),
         (vec!["pop", "show", "north-1", "-o", "json"], "object"),
     ] {
-        let out = c.run_cli(&args).await.unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        let stdout = c.run_cli_ok(&args).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| {
             panic!(
                 "{args:?} printed invalid JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&stdout)
             )
         });
         match check {
@@ -102,8 +85,8 @@ async fn listings_print_valid_json() {
             _ => assert!(v.is_object(), "{args:?}: {v}"),
         }
     }
-    let out = c.run_cli(["pop", "list", "-o", "json"]).await.unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = c.run_cli_ok(["pop", "list", "-o", "json"]).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(v[0]["name"], "north-1");
     assert_eq!(v[0]["labels"]["region"], "north");
 

@@ -47,12 +47,7 @@ async fn state_survives_a_full_restart() {
         vec!["policy", "set", "shop/api", "--min-healthy", "0.5"],
         vec!["token", "create", "--pop", "west-1", "--region", "west"],
     ] {
-        let out = c.run_cli(&args).await.unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        c.run_cli_ok(&args).await.unwrap();
     }
     let admin = c.admin_client(2).unwrap();
     let before_pops = admin
@@ -121,24 +116,14 @@ async fn state_survives_a_full_restart() {
         assert!(s.members.iter().all(|m| m.voter));
     }
     // The CLI agrees and the cluster takes writes.
-    let out = c
-        .run_cli(["policy", "get", "shop/web", "-o", "json"])
+    let stdout = c
+        .run_cli_ok(["policy", "get", "shop/web", "-o", "json"])
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(v["mode"], "POLICY_MODE_FAILOVER");
     assert_eq!(v["failover"], serde_json::json!(["north-1", "south-1"]));
-    let out = c.run_cli(["pop", "add", "after-restart"]).await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.run_cli_ok(["pop", "add", "after-restart"]).await.unwrap();
     println!(
         "after stopping and starting all 3 nodes: {} POPs, {} policies, {} tokens intact",
         before_pops.len(),

@@ -566,6 +566,28 @@ impl Cluster {
         }
     }
 
+    /// Runs the CLI and fails unless it exits 0; returns its standard
+    /// output.
+    pub async fn run_cli_ok<I, S>(&self, args: I) -> Result<Vec<u8>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
+        let out = self.run_cli(&args).await?;
+        if !out.status.success() {
+            bail!(
+                "switchyard {:?} failed: {}",
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
     /// The federation CA with its private key, as someone holding node
     /// `id`'s disk would get it: stops the node, reads the CA from its Raft
     /// store (snapshot, else the log), and starts it again (waiting until

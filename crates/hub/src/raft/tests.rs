@@ -25,8 +25,6 @@ struct TestNode {
     id: NodeId,
     addr: SocketAddr,
     path: PathBuf,
-    // Kept open across restarts so the node keeps its (port 0) address.
-    listener: std::net::TcpListener,
     hub: Option<HubRaft>,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -63,13 +61,15 @@ async fn open_backend(path: &Path) -> Arc<dyn Backend> {
 
 impl TestNode {
     async fn new(id: NodeId, dir: &Path) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        // Port 0 picks the address; the node rebinds it on every start.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let mut n = TestNode {
             id,
             addr,
             path: dir.join(format!("node{id}.redb")),
-            listener,
             hub: None,
             server: None,
         };
@@ -87,9 +87,12 @@ impl TestNode {
         )
         .await
         .unwrap();
-        let l = self.listener.try_clone().unwrap();
-        l.set_nonblocking(true).unwrap();
-        let incoming = TcpListenerStream::new(tokio::net::TcpListener::from_std(l).unwrap());
+        // A stopped node must not hold its socket: the kernel would queue
+        // the leader's requests and deliver them, stale, after a restart.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        let incoming = TcpListenerStream::new(socket.listen(1024).unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let svc = RaftService::new(hub.raft.clone()).into_server();
         let server = tokio::spawn(async move {
@@ -305,12 +308,6 @@ async fn three_nodes_replicate_and_a_restarted_node_recovers() {
     }
 }
 
-// Flaky (about 1 run in 10): the "stopped" node sometimes still receives
-// the entries while the harness stops it (graceful server shutdown keeps
-// live HTTP/2 connections), so it catches up by log instead of snapshot.
-// Run with `cargo test -p switchyard-hub -- --ignored` until the harness
-// stop is made abrupt.
-#[ignore = "harness stop race: see comment"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_catches_up_through_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();

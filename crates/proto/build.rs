@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/switchyard/v1/state.proto",
         "proto/switchyard/v1/raft.proto",
         "proto/switchyard/v1/admin.proto",
+        "proto/switchyard/v1/uplink.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

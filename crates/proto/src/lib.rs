@@ -5,6 +5,7 @@
 //! Versioning rules are in `docs/protocol.md`.
 
 pub mod frame;
+pub mod uplink;
 
 /// Version 1 of the contract (`package switchyard.v1`).
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]

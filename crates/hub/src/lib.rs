@@ -1,9 +1,11 @@
 //! The Switchyard hub: a Raft-replicated control plane.
 //!
 //! - [`state`]: the deterministic state machine (pure).
+//! - [`decide`]: the decision table of one POP from the state (pure).
 //! - [`raft`]: openraft type configuration, wire conversions, network.
 //! - [`store`]: durable log and snapshots in redb, behind a crashable backend.
 
+pub mod decide;
 pub mod metrics;
 pub mod node;
 pub mod raft;

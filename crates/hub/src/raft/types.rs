@@ -35,6 +35,10 @@ impl fmt::Display for RaftCommand {
             Some(Kind::SetPolicy(_)) => "set_policy",
             Some(Kind::DeletePolicy(_)) => "delete_policy",
             Some(Kind::AddRevocation(_)) => "add_revocation",
+            Some(Kind::ApplyExports(_)) => "apply_exports",
+            Some(Kind::SetPopLiveness(_)) => "set_pop_liveness",
+            Some(Kind::EndFailbackDamping(_)) => "end_failback_damping",
+            Some(Kind::ReportRtt(_)) => "report_rtt",
         };
         write!(f, "Command({kind})")
     }

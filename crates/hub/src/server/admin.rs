@@ -128,7 +128,7 @@ fn check(r: pb::CommandResult) -> Result<pb::CommandResult, Status> {
         ErrorCode::TokenConsumed | ErrorCode::TokenExpired | ErrorCode::TokenMismatch => {
             Err(Status::permission_denied(msg))
         }
-        ErrorCode::NotInitialized => Err(Status::failed_precondition(msg)),
+        ErrorCode::NotInitialized | ErrorCode::Stale => Err(Status::failed_precondition(msg)),
     }
 }
 

@@ -52,7 +52,10 @@ impl State {
             Kind::InitFederation(c) => self.init_federation(index, c),
             Kind::UpsertPop(c) => self.upsert_pop(index, c),
             Kind::RemovePop(c) => match self.pops.remove(&c.name) {
-                Some(_) => result_ok(index),
+                Some(_) => {
+                    self.forget_pop(index, &c.name);
+                    result_ok(index)
+                }
                 None => result_err(
                     index,
                     ErrorCode::NotFound,
@@ -65,7 +68,12 @@ impl State {
             Kind::DeletePolicy(c) => {
                 let key = service_key(c.service.as_ref());
                 match self.policies.remove(&key) {
-                    Some(_) => result_ok(index),
+                    Some(_) => {
+                        // A removed policy leaves no record to carry its
+                        // index into views' epochs.
+                        self.tombstone_index = self.tombstone_index.max(index);
+                        result_ok(index)
+                    }
                     None => result_err(
                         index,
                         ErrorCode::NotFound,
@@ -75,13 +83,22 @@ impl State {
             }
             Kind::AddRevocation(c) => match &c.revocation {
                 Some(r) if !r.subject.is_empty() => {
-                    self.revocations
-                        .entry((r.kind, r.subject.clone()))
-                        .or_insert_with(|| r.clone());
+                    let key = (r.kind, r.subject.clone());
+                    if !self.revocations.contains_key(&key) {
+                        self.revocations.insert(key, r.clone());
+                        // A revoked POP leaves every tier.
+                        if r.kind == pb::RevocationKind::Pop as i32 {
+                            self.tombstone_index = self.tombstone_index.max(index);
+                        }
+                    }
                     result_ok(index)
                 }
                 _ => result_err(index, ErrorCode::Invalid, "revocation needs a subject"),
             },
+            Kind::ApplyExports(c) => self.apply_exports(index, c),
+            Kind::SetPopLiveness(c) => self.set_pop_liveness(index, c),
+            Kind::EndFailbackDamping(c) => self.end_failback_damping(index, c),
+            Kind::ReportRtt(c) => self.report_rtt(index, c),
         }
     }
 
@@ -120,8 +137,14 @@ impl State {
                 ),
             );
         }
+        let vip_cidr = match self.resolve_vip_cidr(&pop.name, &pop.vip_cidr) {
+            Ok(c) => c,
+            Err(m) => return result_err(index, ErrorCode::Invalid, m),
+        };
         let mut record = pop.clone();
         record.updated_index = index;
+        let vips_change = self.pops.get(&pop.name).map(|p| &p.vip_cidr) != Some(&vip_cidr);
+        record.vip_cidr = vip_cidr;
         match self.pops.get(&pop.name) {
             Some(_) if c.create_only => {
                 return result_err(
@@ -139,7 +162,11 @@ impl State {
                 record.created_at_ms = c.now_ms;
             }
         }
-        self.pops.insert(record.name.clone(), record);
+        let name = record.name.clone();
+        self.pops.insert(name.clone(), record);
+        if vips_change {
+            self.reconcile_pop_vips(index, &name);
+        }
         result_ok(index)
     }
 
@@ -206,6 +233,8 @@ impl State {
         t.consumed_by = c.consumer.clone();
         let token = t.clone();
         if token.kind == pb::TokenKind::Pop as i32 && !self.pops.contains_key(&token.pop) {
+            // Infallible for an empty range: the next free dev block.
+            let vip_cidr = self.resolve_vip_cidr(&token.pop, "").unwrap_or_default();
             self.pops.insert(
                 token.pop.clone(),
                 pb::Pop {
@@ -214,8 +243,10 @@ impl State {
                     created_index: index,
                     updated_index: index,
                     created_at_ms: c.now_ms,
+                    vip_cidr,
                 },
             );
+            self.reconcile_pop_vips(index, &token.pop);
         }
         pb::CommandResult {
             token: Some(token),

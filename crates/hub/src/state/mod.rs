@@ -6,8 +6,14 @@
 //! result for the same log.
 
 mod apply;
+mod exports;
+mod rtt;
+mod vip;
 
 pub use apply::{result_err, result_ok, valid_name};
+pub use exports::DEFAULT_FAILBACK_AFTER_MS;
+pub use rtt::{rtt_bucket, rtt_bucket_floor_us};
+pub use vip::{Cidr, DEV_VIP_BASE, DEV_VIP_PREFIX};
 
 use std::collections::BTreeMap;
 
@@ -38,6 +44,24 @@ pub struct State {
     pub policies: BTreeMap<(String, String), pb::TrafficPolicy>,
     /// Revocations by (kind, subject).
     pub revocations: BTreeMap<(i32, String), pb::Revocation>,
+    /// Every POP's export of every service, by (namespace, name, pop):
+    /// keyed service first so one service's exports are one range.
+    pub exports: BTreeMap<(String, String, String), pb::ServiceExport>,
+    /// Global services (the merge of their exports) by (namespace, name).
+    /// Exists exactly while at least one POP exports the service.
+    pub services: BTreeMap<(String, String), pb::GlobalService>,
+    /// Runtime status (liveness, damping, export sequence) by POP name;
+    /// absent means never reported (liveness unknown, no exports applied).
+    pub pop_status: BTreeMap<String, pb::PopStatus>,
+    /// VIPs by (pop, namespace, name): one per global service per POP.
+    pub vips: BTreeMap<(String, String, String), pb::VipAllocation>,
+    /// Quantized RTTs by (from POP, to POP).
+    pub rtts: BTreeMap<(String, String), pb::RttEntry>,
+    /// Raft log index of the last command that removed a `decide` input
+    /// (service, policy, POP, POP revocation). Removals leave no record to
+    /// carry their index, so this one does: it is part of every view's
+    /// epoch, which therefore never goes down.
+    pub tombstone_index: u64,
 }
 
 impl State {
@@ -50,6 +74,12 @@ impl State {
             tokens: self.tokens.values().cloned().collect(),
             policies: self.policies.values().cloned().collect(),
             revocations: self.revocations.values().cloned().collect(),
+            exports: self.exports.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            pop_status: self.pop_status.values().cloned().collect(),
+            vips: self.vips.values().cloned().collect(),
+            rtts: self.rtts.values().cloned().collect(),
+            tombstone_index: self.tombstone_index,
         }
     }
 
@@ -63,6 +93,7 @@ impl State {
         }
         let mut s = State {
             federation: snap.federation,
+            tombstone_index: snap.tombstone_index,
             ..State::default()
         };
         for p in snap.pops {
@@ -82,6 +113,23 @@ impl State {
         for r in snap.revocations {
             s.revocations.insert((r.kind, r.subject.clone()), r);
         }
+        for e in snap.exports {
+            let (ns, name) = key_of(e.service.as_ref());
+            s.exports.insert((ns, name, e.pop.clone()), e);
+        }
+        for g in snap.services {
+            s.services.insert(key_of(g.service.as_ref()), g);
+        }
+        for st in snap.pop_status {
+            s.pop_status.insert(st.pop.clone(), st);
+        }
+        for v in snap.vips {
+            let (ns, name) = key_of(v.service.as_ref());
+            s.vips.insert((v.pop.clone(), ns, name), v);
+        }
+        for r in snap.rtts {
+            s.rtts.insert((r.from_pop.clone(), r.to_pop.clone()), r);
+        }
         Ok(s)
     }
 
@@ -96,9 +144,38 @@ impl State {
         Self::from_snapshot(snap)
     }
 
+    /// The liveness of a POP (unknown when never reported).
+    pub fn liveness(&self, pop: &str) -> pb::PopLiveness {
+        self.pop_status
+            .get(pop)
+            .and_then(|s| pb::PopLiveness::try_from(s.liveness).ok())
+            .unwrap_or(pb::PopLiveness::Unknown)
+    }
+
+    /// Whether other POPs may send traffic to `pop`: Online or Suspect, not
+    /// in failback damping, not revoked. Suspect stays eligible because the
+    /// detector's suspicion is an early warning, and gateways' own probes of
+    /// peers already steer around a POP that really stopped answering.
+    pub fn is_eligible(&self, pop: &str) -> bool {
+        let Some(st) = self.pop_status.get(pop) else {
+            return false;
+        };
+        let live = matches!(
+            pb::PopLiveness::try_from(st.liveness),
+            Ok(pb::PopLiveness::Online | pb::PopLiveness::Suspect)
+        );
+        live && !st.damped && !self.is_revoked(pb::RevocationKind::Pop, pop)
+    }
+
     /// Whether a POP (or hub node, or serial) is on the deny-list.
     pub fn is_revoked(&self, kind: pb::RevocationKind, subject: &str) -> bool {
         self.revocations
             .contains_key(&(kind as i32, subject.to_string()))
     }
+}
+
+/// The (namespace, name) map key of an optional service key.
+pub(crate) fn key_of(k: Option<&pb::ServiceKey>) -> (String, String) {
+    k.map(|k| (k.namespace.clone(), k.name.clone()))
+        .unwrap_or_default()
 }

@@ -520,3 +520,6 @@ fn canonical_export(e: &pb::ServiceExport) -> Result<pb::ServiceExport, String> 
         updated_index: 0,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,6 +8,8 @@
 mod apply;
 mod exports;
 mod rtt;
+#[cfg(test)]
+pub(crate) mod testkit;
 mod vip;
 
 pub use apply::{result_err, result_ok, valid_name};

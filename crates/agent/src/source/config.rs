@@ -62,7 +62,7 @@ pub enum SourceError {
     },
     /// The file is not valid TOML or does not match the schema's types
     /// (unknown field, missing field, wrong type).
-    #[error("services file {file}: line {line}, column {column}: {message}")]
+    #[error("services file {file}: line {line}, column {column} (`{text}`): {message}")]
     Syntax {
         /// The file.
         file: PathBuf,
@@ -72,6 +72,9 @@ pub enum SourceError {
         column: usize,
         /// The parser's message (names the field where it can).
         message: String,
+        /// The offending line, trimmed (at most 80 characters), which shows
+        /// the key when the message does not.
+        text: String,
     },
     /// The file parses but breaks the schema's rules.
     #[error("{}", format_problems(file, problems))]
@@ -287,6 +290,14 @@ pub fn parse_services(file: &Path, text: &str) -> Result<LocalServices, SourceEr
             line,
             column,
             message: e.message().trim_end().to_string(),
+            text: line
+                .checked_sub(1)
+                .and_then(|i| text.lines().nth(i))
+                .unwrap_or("")
+                .trim()
+                .chars()
+                .take(80)
+                .collect(),
         }
     })?;
     let mut c = Checker {
@@ -606,6 +617,26 @@ endpoints = [{ address = "10.0.0.9", port = 5432 }]
         assert_eq!(db.probe, ProbeSpec::default());
     }
 
+    /// The example in `docs/services-file.md` stays valid.
+    #[test]
+    fn documented_example_parses() {
+        let doc = include_str!("../../../../docs/services-file.md");
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let len = doc[start..].find("```").unwrap();
+        let s = parse(&doc[start..start + len]).unwrap();
+        assert_eq!(s.services.len(), 2);
+        let cart = s.get("shop", "cart").unwrap();
+        assert_eq!(cart.endpoints.len(), 3);
+        assert!(matches!(
+            cart.probe.check,
+            ProbeCheck::Http {
+                port: Some(8081),
+                ..
+            }
+        ));
+        assert_eq!(s.get("shop", "db").unwrap().probe, ProbeSpec::default());
+    }
+
     #[test]
     fn empty_file_is_no_services() {
         assert_eq!(parse("").unwrap(), LocalServices::default());
@@ -787,9 +818,16 @@ probe = { kind = "http", interval_ms = 100 }
         ] {
             match parse(text) {
                 Err(SourceError::Syntax {
-                    line: l, message, ..
+                    line: l,
+                    message,
+                    text: shown,
+                    ..
                 }) => {
                     assert_eq!(l, line, "{text}: {message}");
+                    assert_eq!(
+                        Some(shown.as_str()),
+                        text.lines().nth(line - 1).map(str::trim)
+                    );
                     assert!(message.contains(needle), "{message}");
                 }
                 other => panic!("{text}: expected Syntax, got {other:?}"),

@@ -6,7 +6,10 @@
 //! its contents with the last parsed contents. Every [`FULL_CHECK_EVERY`]
 //! polls it reads and hashes the file even when the metadata look unchanged,
 //! to catch a same-size rewrite within the file system's timestamp
-//! granularity. Polling instead of inotify keeps it portable and works the
+//! granularity. New contents are acted on only once two consecutive polls
+//! read the same bytes, so a file caught half-written (an in-place rewrite
+//! is briefly empty, and an empty file is valid: "export nothing") is never
+//! applied; a change therefore takes one to two poll intervals. Polling instead of inotify keeps it portable and works the
 //! same for editors that rewrite in place and for those (and ConfigMap
 //! mounts) that rename a new file over the old one; the cost is one `stat`
 //! per poll and a change delay of at most one poll interval.
@@ -52,7 +55,7 @@ impl FileSource {
     ) -> Result<Self, SourceError> {
         let path = path.into();
         let (contents, meta) = read(&path).await?;
-        let services = parse_services(&path, &String::from_utf8_lossy(&contents))?;
+        let services = parse_bytes(&path, &contents)?;
         tracing::info!(
             file = %path.display(),
             services = services.services.len(),
@@ -63,6 +66,7 @@ impl FileSource {
             path: path.clone(),
             meta,
             hash: hash(&contents),
+            pending: None,
             polls: 0,
             read_failed: false,
         };
@@ -120,6 +124,9 @@ struct Poller {
     meta: Meta,
     /// SHA-256 of the contents last parsed (valid or not).
     hash: [u8; 32],
+    /// SHA-256 of new contents seen once, waiting to be seen unchanged on
+    /// the next poll before they are parsed.
+    pending: Option<[u8; 32]>,
     polls: u32,
     read_failed: bool,
 }
@@ -130,7 +137,14 @@ impl Poller {
         self.polls = self.polls.wrapping_add(1);
         let full = self.polls.is_multiple_of(FULL_CHECK_EVERY);
         match tokio::fs::metadata(&self.path).await {
-            Ok(m) if !full && !self.read_failed && meta_of(&m) == self.meta => return None,
+            Ok(m)
+                if !full
+                    && !self.read_failed
+                    && self.pending.is_none()
+                    && meta_of(&m) == self.meta =>
+            {
+                return None
+            }
             Ok(_) => {}
             Err(e) => {
                 self.read_failed(SourceError::Read {
@@ -154,10 +168,19 @@ impl Poller {
         self.meta = meta;
         let h = hash(&contents);
         if h == self.hash {
+            self.pending = None;
             return None;
         }
+        if self.pending != Some(h) {
+            // Settle: a writer may be half-way through (an in-place rewrite
+            // is briefly empty, and an empty file is valid). Act only on
+            // contents seen unchanged by two consecutive polls.
+            self.pending = Some(h);
+            return None;
+        }
+        self.pending = None;
         self.hash = h;
-        match parse_services(&self.path, &String::from_utf8_lossy(&contents)) {
+        match parse_bytes(&self.path, &contents) {
             Ok(services) => {
                 tracing::info!(
                     file = %self.path.display(),
@@ -192,6 +215,24 @@ impl Poller {
 fn meta_of(m: &std::fs::Metadata) -> Meta {
     use std::os::unix::fs::MetadataExt;
     (m.modified().ok(), m.len(), m.ino())
+}
+
+/// Parses file contents, which must be UTF-8.
+fn parse_bytes(path: &Path, contents: &[u8]) -> Result<LocalServices, SourceError> {
+    match std::str::from_utf8(contents) {
+        Ok(text) => parse_services(path, text),
+        Err(e) => {
+            let valid = contents.get(..e.valid_up_to()).unwrap_or_default();
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            Err(SourceError::Syntax {
+                file: path.to_path_buf(),
+                line,
+                column: 0,
+                message: format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                text: String::new(),
+            })
+        }
+    }
 }
 
 fn hash(bytes: &[u8]) -> [u8; 32] {
@@ -319,6 +360,51 @@ mod tests {
         assert!(msg.contains("services.toml"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
         assert!(msg.contains("services[0].name"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn non_utf8_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("services.toml");
+        std::fs::write(&path, b"# ok\n\xff\n").unwrap();
+        let err = FileSource::start(&path, DEFAULT_POLL_INTERVAL)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::Syntax { line: 2, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn contents_apply_only_after_settling() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("services.toml");
+        std::fs::write(&path, ONE).unwrap();
+        let (contents, meta) = read(&path).await.unwrap();
+        let mut p = Poller {
+            path: path.clone(),
+            meta,
+            hash: hash(&contents),
+            pending: None,
+            polls: 0,
+            read_failed: false,
+        };
+        assert!(p.poll().await.is_none());
+        // Caught half-written (empty) by one poll, then complete.
+        std::fs::write(&path, "").unwrap();
+        assert!(p.poll().await.is_none());
+        std::fs::write(&path, TWO).unwrap();
+        assert!(p.poll().await.is_none());
+        let s = p.poll().await.expect("settled contents are applied");
+        assert_eq!(s.services.len(), 2);
+        assert!(p.poll().await.is_none());
+        // Back to the old contents: applied after settling too.
+        std::fs::write(&path, ONE).unwrap();
+        assert!(p.poll().await.is_none());
+        assert_eq!(p.poll().await.unwrap().services.len(), 1);
+        // Invalid contents are never applied, and not re-parsed every poll.
+        std::fs::write(&path, "nonsense").unwrap();
+        for _ in 0..2 * FULL_CHECK_EVERY {
+            assert!(p.poll().await.is_none());
+        }
     }
 
     #[tokio::test]

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -33,6 +35,10 @@ pub type Readiness = BTreeMap<EndpointKey, Health>;
 struct Running {
     spec: ProbeSpec,
     task: JoinHandle<()>,
+    /// Set (before the abort) when the probe is stopped; the task checks it
+    /// under the readiness lock, so a probe finishing just as it is stopped
+    /// cannot overwrite the entry of its replacement.
+    stopped: Arc<AtomicBool>,
 }
 
 /// Runs the probes of the current set of local services.
@@ -100,38 +106,52 @@ impl ProbeRunner {
         self.probes.retain(|key, running| {
             let keep = desired.get(key) == Some(&running.spec);
             if !keep {
+                running.stopped.store(true, Ordering::SeqCst);
                 running.task.abort();
                 removed.push(key.clone());
             }
             keep
         });
-        let mut started = Vec::new();
-        for (key, spec) in desired {
-            if self.probes.contains_key(&key) {
-                continue;
-            }
-            let health = self
-                .tx
-                .borrow()
-                .get(&key)
-                .copied()
-                .unwrap_or(Health::Unknown);
-            let state =
-                ProbeState::starting_at(health, spec.healthy_threshold, spec.unhealthy_threshold);
-            let task = tokio::spawn(run_probe(key.clone(), spec.clone(), state, self.tx.clone()));
-            self.probes.insert(key.clone(), Running { spec, task });
-            started.push((key, health));
-        }
-        let probes = &self.probes;
-        self.tx.send_if_modified(|map| {
+        let probes = &mut self.probes;
+        let tx = &self.tx;
+        tx.send_if_modified(|map| {
             let mut changed = false;
             for key in &removed {
-                if !probes.contains_key(key) {
+                if !desired.contains_key(key) {
                     changed |= map.remove(key).is_some();
                 }
             }
-            for (key, health) in &started {
-                changed |= map.insert(key.clone(), *health) != Some(*health);
+            for (key, spec) in desired {
+                if probes.contains_key(&key) {
+                    continue;
+                }
+                // Under the lock: a restarted probe starts from the health
+                // its endpoint has now.
+                let health = *map.entry(key.clone()).or_insert_with(|| {
+                    changed = true;
+                    Health::Unknown
+                });
+                let state = ProbeState::starting_at(
+                    health,
+                    spec.healthy_threshold,
+                    spec.unhealthy_threshold,
+                );
+                let stopped = Arc::new(AtomicBool::new(false));
+                let task = tokio::spawn(run_probe(
+                    key.clone(),
+                    spec.clone(),
+                    state,
+                    tx.clone(),
+                    stopped.clone(),
+                ));
+                probes.insert(
+                    key,
+                    Running {
+                        spec,
+                        task,
+                        stopped,
+                    },
+                );
             }
             changed
         });
@@ -141,6 +161,7 @@ impl ProbeRunner {
 impl Drop for ProbeRunner {
     fn drop(&mut self) {
         for r in self.probes.values() {
+            r.stopped.store(true, Ordering::SeqCst);
             r.task.abort();
         }
     }
@@ -173,6 +194,7 @@ async fn run_probe(
     spec: ProbeSpec,
     mut state: ProbeState,
     tx: watch::Sender<Readiness>,
+    stopped: Arc<AtomicBool>,
 ) {
     let mut tick = tokio::time::interval(spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -198,7 +220,7 @@ async fn run_probe(
             ),
         }
         tx.send_if_modified(|map| match map.get_mut(&key) {
-            Some(h) if *h != health => {
+            Some(h) if *h != health && !stopped.load(Ordering::SeqCst) => {
                 *h = health;
                 true
             }
@@ -213,8 +235,7 @@ mod tests {
     use super::*;
     use crate::source::ServiceSource;
     use crate::source::{EndpointSpec, LocalService, ProbeCheck, ServiceType, StaticSource};
-    use std::sync::atomic::{AtomicU16, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::AtomicU16;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

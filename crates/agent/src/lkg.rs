@@ -453,7 +453,9 @@ pub fn write_file(dir: &Path, view: &PopView) -> Result<(), LkgError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+// `..Default::default()` on every message keeps the tests compiling when
+// fields are added to the protobuf messages.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_update)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
@@ -467,6 +469,7 @@ mod tests {
                 service: Some(ServiceKey {
                     namespace: "shop".into(),
                     name: "cart".into(),
+                    ..Default::default()
                 }),
                 vip: "10.200.0.1".into(),
                 ports: vec![80, 443],
@@ -480,11 +483,14 @@ mod tests {
                             ready: true,
                             ..Default::default()
                         }],
+                        ..Default::default()
                     }],
+                    ..Default::default()
                 }],
                 dns_ttl_s: 5,
                 ..Default::default()
             }],
+            ..Default::default()
         }
     }
 
@@ -684,6 +690,7 @@ mod tests {
                 pop,
                 epoch,
                 services: vec![ServiceView { ports, ..Default::default() }],
+                ..Default::default()
             };
             proptest::prop_assert_eq!(decode(Path::new("x"), &encode(&v)).unwrap(), v);
         }

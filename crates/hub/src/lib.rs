@@ -12,3 +12,4 @@ pub mod raft;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod uplink;

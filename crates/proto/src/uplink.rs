@@ -346,8 +346,7 @@ pub fn check_export(export: &pb::ServiceExport) -> Result<(), UplinkError> {
 
 /// Checks an export delta as received by the hub: counts and every entry.
 pub fn check_export_delta(delta: &pb::ExportDelta) -> Result<(), UplinkError> {
-    if delta.upserts.len() > MAX_EXPORTS_PER_POP || delta.withdrawals.len() > MAX_EXPORTS_PER_POP
-    {
+    if delta.upserts.len() > MAX_EXPORTS_PER_POP || delta.withdrawals.len() > MAX_EXPORTS_PER_POP {
         return Err(UplinkError::Limit(format!(
             "{} upserts and {} withdrawals (max {MAX_EXPORTS_PER_POP} each)",
             delta.upserts.len(),

@@ -129,10 +129,16 @@ fn export_delta_checks() {
     ));
     let mut bad = ok.clone();
     bad.upserts[0].service = Some(key("shop", &"x".repeat(64)));
-    assert!(matches!(check_export_delta(&bad), Err(UplinkError::Limit(_))));
+    assert!(matches!(
+        check_export_delta(&bad),
+        Err(UplinkError::Limit(_))
+    ));
     let mut bad = ok;
     bad.upserts[0].endpoints = vec![pb::Endpoint::default(); MAX_ENDPOINTS_PER_SERVICE + 1];
-    assert!(matches!(check_export_delta(&bad), Err(UplinkError::Limit(_))));
+    assert!(matches!(
+        check_export_delta(&bad),
+        Err(UplinkError::Limit(_))
+    ));
 }
 
 #[test]
@@ -142,7 +148,13 @@ fn delta_base_and_direction_checked() {
         epoch: 5,
         services: vec![],
     };
-    let mut d = diff_views(&old, &pb::PopView { epoch: 7, ..old.clone() });
+    let mut d = diff_views(
+        &old,
+        &pb::PopView {
+            epoch: 7,
+            ..old.clone()
+        },
+    );
     assert_eq!(apply_delta(&old, &d).unwrap().epoch, 7);
     d.from_epoch = 4;
     assert_eq!(
@@ -191,10 +203,7 @@ fn arb_service() -> impl Strategy<Value = pb::ServiceView> {
         "[a-d]{1,2}",
         0u32..3,
         proptest::collection::vec(0u32..4, 0..3),
-        proptest::collection::vec(
-            proptest::collection::vec(("[pqr]", 0u32..3), 0..3),
-            0..3,
-        ),
+        proptest::collection::vec(proptest::collection::vec(("[pqr]", 0u32..3), 0..3), 0..3),
     )
         .prop_map(|(ns, name, ttl, ports, tiers)| pb::ServiceView {
             service: Some(key(&ns, &name)),
@@ -237,7 +246,7 @@ proptest! {
         // Views as the hub holds them: canonical. Deltas go forward only.
         let old = canonical_view(&old);
         let mut new = canonical_view(&new);
-        new.epoch = old.epoch + new.epoch;
+        new.epoch += old.epoch;
         let delta = diff_views(&old, &new);
         prop_assert_eq!(apply_delta(&old, &delta).unwrap(), new.clone());
         // The delta survives the wire.
@@ -249,7 +258,7 @@ proptest! {
     fn apply_inverts_diff_for_any_order(old in arb_view(), new in arb_view()) {
         // Unsorted or duplicated input still converges to the canonical form.
         let mut new = new;
-        new.epoch = old.epoch + new.epoch;
+        new.epoch += old.epoch;
         let delta = diff_views(&old, &new);
         prop_assert_eq!(
             apply_delta(&canonical_view(&old), &delta).unwrap(),

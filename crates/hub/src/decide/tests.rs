@@ -48,7 +48,12 @@ fn world() -> (State, u64) {
     ];
     for p in ["a", "b", "c", "d", "e", "f"] {
         cmds.push(live(p, PopLiveness::Online));
-        cmds.push(exports(p, 1, vec![export("shop", "web", 80, &[true])], vec![]));
+        cmds.push(exports(
+            p,
+            1,
+            vec![export("shop", "web", 80, &[true])],
+            vec![],
+        ));
     }
     let next = run(&mut s, 1, &cmds);
     (s, next)
@@ -67,13 +72,22 @@ fn locality_orders_by_topology_then_rtt_then_name() {
     run(&mut s, i, &[rtt("a", "f", 5_000)]);
     assert_eq!(tiers(&s, "a", "web")[4], vec!["f:1", "e:1"]);
     // Without its own export, a starts with its nearest peers.
-    run(&mut s, i + 1, &[exports("a", 2, vec![], vec![key("shop", "web")])]);
+    run(
+        &mut s,
+        i + 1,
+        &[exports("a", 2, vec![], vec![key("shop", "web")])],
+    );
     assert_eq!(tiers(&s, "a", "web")[0], vec!["b:1"]);
     // Not-ready endpoints are not targets; weights count ready endpoints.
     run(
         &mut s,
         i + 2,
-        &[exports("b", 2, vec![export("shop", "web", 80, &[true, false, true])], vec![])],
+        &[exports(
+            "b",
+            2,
+            vec![export("shop", "web", 80, &[true, false, true])],
+            vec![],
+        )],
     );
     let v = decide(&s, "a");
     let b = &v.services[0].tiers[0].targets[0];
@@ -145,10 +159,7 @@ fn active_active_uses_policy_weights() {
             rtt("a", "e", 1_000),
         ],
     );
-    assert_eq!(
-        tiers(&s, "a", "web"),
-        t(&[&["e:1", "a:1", "b:3", "d:1"]])
-    );
+    assert_eq!(tiers(&s, "a", "web"), t(&[&["e:1", "a:1", "b:3", "d:1"]]));
 }
 
 // ---------------------------------------------------------------- min_healthy
@@ -167,7 +178,12 @@ fn min_healthy_merges_a_degraded_tier_into_the_next() {
     let i = run(
         &mut s,
         i,
-        &[exports("a", 2, vec![export("shop", "web", 80, &[true, false, false, false])], vec![])],
+        &[exports(
+            "a",
+            2,
+            vec![export("shop", "web", 80, &[true, false, false, false])],
+            vec![],
+        )],
     );
     // Default (0): only an empty tier spills.
     assert_eq!(tiers(&s, "a", "web")[0], vec!["a:1"]);
@@ -184,7 +200,12 @@ fn min_healthy_merges_a_degraded_tier_into_the_next() {
         i,
         &[
             with(0),
-            exports("a", 3, vec![export("shop", "web", 80, &[false, false])], vec![]),
+            exports(
+                "a",
+                3,
+                vec![export("shop", "web", 80, &[false, false])],
+                vec![],
+            ),
         ],
     );
     assert_eq!(tiers(&s, "a", "web")[0], vec!["b:1"]);
@@ -194,7 +215,11 @@ fn min_healthy_merges_a_degraded_tier_into_the_next() {
     // From e: e itself (1/1), then others. e's own tier is healthy.
     assert_eq!(tiers(&s, "e", "web")[0], vec!["e:1"]);
     // From b: a (0/2) + b... b's own tier first.
-    run(&mut s, i, &[exports("b", 2, vec![], vec![key("shop", "web")])]);
+    run(
+        &mut s,
+        i,
+        &[exports("b", 2, vec![], vec![key("shop", "web")])],
+    );
     // From b: group g1 is a (0 of 2) -> merged with zone-less region tier
     // c, d (2 of 4 = 50 % < 60 %) -> merged with e, f (3 of 6, f offline) ->
     // last tier: emitted as is.
@@ -218,7 +243,12 @@ fn export_to_vip_ports_ttl() {
                 dns_ttl_s: 30,
                 ..Default::default()
             }),
-            exports("b", 2, vec![export("shop", "web", 80, &[true]), headless], vec![]),
+            exports(
+                "b",
+                2,
+                vec![export("shop", "web", 80, &[true]), headless],
+                vec![],
+            ),
         ],
     );
     let names = |p: &str| -> Vec<String> {
@@ -233,7 +263,10 @@ fn export_to_vip_ports_ttl() {
     assert_eq!(names("e"), vec!["dir"], "e is neither in r1 nor f");
     let v = decide(&s, "a");
     let (dir, web) = (&v.services[0], &v.services[1]);
-    assert_eq!(web.vip, s.vips[&("a".into(), "shop".into(), "web".into())].address);
+    assert_eq!(
+        web.vip,
+        s.vips[&("a".into(), "shop".into(), "web".into())].address
+    );
     assert!(web.vip.starts_with("127.77."));
     assert_eq!(web.ports, vec![80]);
     assert_eq!(web.dns_ttl_s, 30);
@@ -254,8 +287,21 @@ fn epoch_tracks_the_last_relevant_change() {
     assert_eq!(decide(&s, "a").epoch, e0);
     assert_eq!(decide(&s, "b").epoch, i);
     // A withdrawal that deletes a service still moves every epoch.
-    run(&mut s, i + 1, &[exports("c", 2, vec![export("shop", "solo", 1, &[true])], vec![])]);
-    run(&mut s, i + 2, &[exports("c", 3, vec![], vec![key("shop", "solo")])]);
+    run(
+        &mut s,
+        i + 1,
+        &[exports(
+            "c",
+            2,
+            vec![export("shop", "solo", 1, &[true])],
+            vec![],
+        )],
+    );
+    run(
+        &mut s,
+        i + 2,
+        &[exports("c", 3, vec![], vec![key("shop", "solo")])],
+    );
     assert_eq!(decide(&s, "a").epoch, i + 2);
     // An unknown POP gets an empty view whose epoch still covers removals.
     let v = decide(&s, "nope");
@@ -341,7 +387,11 @@ fn to_cmd(s: &State, op: &Op) -> pb::Command {
     let seq = |p: usize| s.pop_status.get(POPS[p]).map_or(0, |st| st.last_export_seq) + 1;
     match op {
         Op::Pop(p, r, z, g) => {
-            let group = if *g == 2 { String::new() } else { format!("g{g}") };
+            let group = if *g == 2 {
+                String::new()
+            } else {
+                format!("g{g}")
+            };
             pop(POPS[*p], &format!("r{}", r % 2), &format!("z{z}"), &group)
         }
         Op::Remove(p) => remove_pop(POPS[*p]),
@@ -416,7 +466,9 @@ fn check_views(s: &State) -> Result<(), TestCaseError> {
             }
             // Locality: own ready endpoints are tier 0.
             let mode = s.policies.get(&skey).map_or(0, |p| p.mode);
-            let own = s.exports.get(&(skey.0.clone(), skey.1.clone(), me.to_string()));
+            let own = s
+                .exports
+                .get(&(skey.0.clone(), skey.1.clone(), me.to_string()));
             let own_ready: Vec<_> = own
                 .map(|e| e.endpoints.iter().filter(|e| e.ready).cloned().collect())
                 .unwrap_or_default();
@@ -520,12 +572,19 @@ fn seeded() -> (State, u64) {
     let (mut s, i) = base();
     let mut cmds = Vec::new();
     for (n, p) in POPS.iter().enumerate() {
-        cmds.push(pop(p, &format!("r{}", n % 2), &format!("z{}", n % 3), if n < 2 { "g0" } else { "" }));
+        cmds.push(pop(
+            p,
+            &format!("r{}", n % 2),
+            &format!("z{}", n % 3),
+            if n < 2 { "g0" } else { "" },
+        ));
     }
     cmds.push(exports(
         "p0",
         1,
-        SVCS.iter().map(|sv| export("ns", sv, 80, &[true])).collect(),
+        SVCS.iter()
+            .map(|sv| export("ns", sv, 80, &[true]))
+            .collect(),
         vec![],
     ));
     let next = run(&mut s, i, &cmds);
@@ -537,13 +596,25 @@ fn seeded() -> (State, u64) {
 /// service.
 fn independent_commands() -> impl Strategy<Value = Vec<pb::Command>> {
     let exports_s = prop::collection::vec(
-        prop::option::of((prop::collection::vec((0..3usize, prop::collection::vec(any::<bool>(), 0..3), any::<bool>()), 0..3),)),
+        prop::option::of((prop::collection::vec(
+            (
+                0..3usize,
+                prop::collection::vec(any::<bool>(), 0..3),
+                any::<bool>(),
+            ),
+            0..3,
+        ),)),
         4,
     );
     let live_s = prop::collection::vec(prop::option::of(1..=3i32), 5);
     let rtt_s = prop::collection::vec(prop::option::of(1u64..100_000), 20);
     let pol_s = prop::collection::vec(
-        prop::option::of((0..3i32, prop::collection::vec(sel(), 0..3), prop::collection::vec(sel(), 0..2), 0..=1000u32)),
+        prop::option::of((
+            0..3i32,
+            prop::collection::vec(sel(), 0..3),
+            prop::collection::vec(sel(), 0..2),
+            0..=1000u32,
+        )),
         3,
     );
     (exports_s, live_s, rtt_s, pol_s).prop_map(|(ex, lv, rt, po)| {
@@ -554,14 +625,19 @@ fn independent_commands() -> impl Strategy<Value = Vec<pb::Command>> {
                 let ups = list
                     .into_iter()
                     .filter(|(sv, _, _)| seen.insert(*sv))
-                    .map(|(sv, ready, alt)| export("ns", SVCS[sv], if alt { 81 } else { 80 }, &ready))
+                    .map(|(sv, ready, alt)| {
+                        export("ns", SVCS[sv], if alt { 81 } else { 80 }, &ready)
+                    })
                     .collect();
                 out.push(exports(POPS[n + 1], 1, ups, vec![]));
             }
         }
         for (n, l) in lv.into_iter().enumerate() {
             if let Some(l) = l {
-                out.push(live(POPS[n], PopLiveness::try_from(l).unwrap_or(PopLiveness::Online)));
+                out.push(live(
+                    POPS[n],
+                    PopLiveness::try_from(l).unwrap_or(PopLiveness::Online),
+                ));
             }
         }
         let pairs = (0..5).flat_map(|a| (0..5).filter(move |b| *b != a).map(move |b| (a, b)));

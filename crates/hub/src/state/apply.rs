@@ -83,9 +83,10 @@ impl State {
             }
             Kind::AddRevocation(c) => match &c.revocation {
                 Some(r) if !r.subject.is_empty() => {
-                    let key = (r.kind, r.subject.clone());
-                    if !self.revocations.contains_key(&key) {
-                        self.revocations.insert(key, r.clone());
+                    if let std::collections::btree_map::Entry::Vacant(e) =
+                        self.revocations.entry((r.kind, r.subject.clone()))
+                    {
+                        e.insert(r.clone());
                         // A revoked POP leaves every tier.
                         if r.kind == pb::RevocationKind::Pop as i32 {
                             self.tombstone_index = self.tombstone_index.max(index);

@@ -340,7 +340,7 @@ fn liveness_and_failback_damping() {
     ));
     assert_eq!(code(&s.apply(i + 6, &stale)), ErrorCode::Stale);
     let end = end_damping(&s, "a");
-    run(&mut s, i + 7, &[end.clone()]);
+    run(&mut s, i + 7, std::slice::from_ref(&end));
     assert!(s.is_eligible("a"));
     assert_eq!(s.pop_status["a"].liveness_index, i + 7);
     assert_eq!(

@@ -13,3 +13,4 @@
 pub mod lkg;
 pub mod probe;
 pub mod source;
+pub mod uplink;

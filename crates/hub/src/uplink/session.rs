@@ -874,10 +874,11 @@ impl HubSession {
                 session_id: self.session_id,
                 state,
             });
-            if state == Liveness::Offline && self.phase == Phase::Draining {
-                self.phase = Phase::Finished;
-                break;
-            }
+        }
+        // A lost session is done once the POP is reported offline (also
+        // when that happened before the connection went).
+        if self.phase == Phase::Draining && d.reported() == Liveness::Offline {
+            self.phase = Phase::Finished;
         }
     }
 

@@ -751,6 +751,23 @@ fn a_lost_connection_still_ends_offline_then_finishes() {
 }
 
 #[test]
+fn a_session_lost_after_the_pop_went_offline_finishes_at_once() {
+    let t0 = Instant::now();
+    let mut s = established(t0, 0);
+    s.handle_timeout(t0 + ms(5_000));
+    assert_eq!(
+        liveness(&events(&mut s)),
+        vec![Liveness::Suspect, Liveness::Offline]
+    );
+    s.connection_lost(t0 + ms(6_000));
+    assert!(s.is_finished());
+    assert_eq!(
+        events(&mut s),
+        vec![HubEvent::Closed(CloseReason::ConnectionLost)]
+    );
+}
+
+#[test]
 fn a_hub_side_close_reports_no_liveness() {
     let t0 = Instant::now();
     let mut s = established(t0, 0);

@@ -51,6 +51,9 @@ use switchyard_proto::pb;
 
 use crate::state::State;
 
+mod explain;
+pub use explain::{explain, Explanation};
+
 /// DNS TTL (s) when the policy leaves it at 0 or there is no policy: short,
 /// so resolvers follow failovers quickly.
 pub const DEFAULT_DNS_TTL_S: u32 = 5;
@@ -296,7 +299,7 @@ fn spill(
 /// Topology distance from `me` to `other`: 0 itself, 1 same group, 2 same
 /// zone (in the same region), 3 same region, 4 anything else. Empty labels
 /// never match, so unlabelled POPs are all "anything else" to each other.
-fn distance(me: &pb::Pop, other: &pb::Pop) -> u8 {
+pub(crate) fn distance(me: &pb::Pop, other: &pb::Pop) -> u8 {
     if me.name == other.name {
         return 0;
     }

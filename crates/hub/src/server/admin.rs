@@ -330,9 +330,20 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListPopsResponse>, Status> {
         self.authz.require_operator(&req)?;
         let c = Consistency::from(req.get_ref().consistency);
-        let pops = self
+        let (pops, statuses): (Vec<pb::Pop>, Vec<pb::PopStatus>) = self
             .hub
-            .read(c, |s| s.pops.values().cloned().collect())
+            .read(c, |s| {
+                s.pops
+                    .values()
+                    .map(|p| {
+                        let st = s.pop_status.get(&p.name).cloned().unwrap_or(pb::PopStatus {
+                            pop: p.name.clone(),
+                            ..Default::default()
+                        });
+                        (p.clone(), st)
+                    })
+                    .unzip()
+            })
             .await?;
         let applied_index = self
             .hub
@@ -346,7 +357,69 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListPopsResponse {
             pops,
             applied_index,
+            statuses,
         }))
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.authz.require_operator(&req)?;
+        let c = Consistency::from(req.get_ref().consistency);
+        let services = self
+            .hub
+            .read(c, |s| s.services.values().cloned().collect())
+            .await?;
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::ServiceDetail>, Status> {
+        self.authz.require_operator(&req)?;
+        let r = req.into_inner();
+        let key = policy_key(r.service.as_ref())?;
+        let c = Consistency::from(r.consistency);
+        let from = r.from_pop;
+        let detail = self
+            .hub
+            .read(c, |s| {
+                let service = s.services.get(&key).cloned()?;
+                let exports = s
+                    .exports
+                    .values()
+                    .filter(|e| {
+                        e.service
+                            .as_ref()
+                            .is_some_and(|k| k.namespace == key.0 && k.name == key.1)
+                    })
+                    .cloned()
+                    .collect();
+                let policy = s.policies.get(&key).cloned();
+                let mut d = pb::ServiceDetail {
+                    service: Some(service),
+                    exports,
+                    has_policy: policy.is_some(),
+                    policy,
+                    from_pop: from.clone(),
+                    ..Default::default()
+                };
+                if !from.is_empty() {
+                    let e = crate::decide::explain(s, &from, &key.0, &key.1);
+                    d.view = e.view;
+                    d.epoch = e.epoch;
+                    d.visible = e.visible;
+                    d.invisible_reason = e.invisible_reason;
+                    d.pops = e.pops;
+                }
+                Some(d)
+            })
+            .await?;
+        detail
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no POP exports {}/{}", key.0, key.1)))
     }
 
     async fn remove_pop(

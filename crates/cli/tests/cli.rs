@@ -69,6 +69,7 @@ async fn listings_print_valid_json() {
         (vec!["pop", "list", "--local", "-o", "json"], "array"),
         (vec!["token", "list", "-o", "json"], "array"),
         (vec!["policy", "list", "-o", "json"], "array"),
+        (vec!["service", "list", "-o", "json"], "array"),
         (vec!["hub", "members", "list", "-o", "json"], "object"),
         (vec!["status", "-o", "json"], "object"),
         (vec!["pop", "show", "north-1", "-o", "json"], "object"),

@@ -3,6 +3,7 @@
 mod dev;
 mod hub;
 mod ops;
+mod service;
 
 use std::path::PathBuf;
 
@@ -62,6 +63,17 @@ pub enum Command {
     /// Traffic policies of global services.
     #[command(subcommand)]
     Policy(ops::PolicyCmd),
+    /// Global services: `service list`, `service show NS/NAME [--from POP]`.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
+    /// Why traffic for a service goes where it goes, seen from one POP.
+    Explain {
+        /// NAMESPACE/NAME.
+        service: String,
+        /// The POP whose decision table to explain.
+        #[arg(long)]
+        from: String,
+    },
     /// The federation on one screen.
     Status,
 }
@@ -89,6 +101,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token(c) => ops::token(g, c).await,
         Command::Pop(c) => ops::pop(g, c).await,
         Command::Policy(c) => ops::policy(g, c).await,
+        Command::Service(c) => service::service(g, c).await,
+        Command::Explain { service, from } => service::explain(g, service, from).await,
         Command::Status => ops::status(g).await,
     }
 }

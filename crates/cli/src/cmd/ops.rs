@@ -161,7 +161,7 @@ pub enum PolicyCmd {
     },
 }
 
-fn service_key(s: &str) -> Result<pb::ServiceKey> {
+pub fn service_key(s: &str) -> Result<pb::ServiceKey> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(pb::ServiceKey {
@@ -370,17 +370,33 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                 .map_err(err)?
                 .into_inner();
             match g.output {
-                output::Format::Json => {
-                    output::json(&Value::Array(r.pops.iter().map(pop_json).collect()))
-                }
+                output::Format::Json => output::json(&Value::Array(
+                    r.pops
+                        .iter()
+                        .zip(statuses(&r))
+                        .map(|(p, st)| {
+                            let mut v = pop_json(p);
+                            v["liveness"] = json!(liveness_name(st.liveness));
+                            v["damped"] = json!(st.damped);
+                            v["liveness_reason"] = json!(st.reason);
+                            v
+                        })
+                        .collect(),
+                )),
                 output::Format::Table => output::table(
-                    &["NAME", "REGION", "ZONE", "GROUP", "CREATED"],
+                    &["NAME", "STATE", "REGION", "ZONE", "GROUP", "CREATED"],
                     &r.pops
                         .iter()
-                        .map(|p| {
+                        .zip(statuses(&r))
+                        .map(|(p, st)| {
                             let l = p.labels.clone().unwrap_or_default();
+                            let mut state = liveness_name(st.liveness).to_string();
+                            if st.damped {
+                                state.push_str(" (damped)");
+                            }
                             vec![
                                 p.name.clone(),
+                                state,
                                 l.region,
                                 l.zone,
                                 l.group,
@@ -640,4 +656,19 @@ pub async fn status(g: &Global) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Statuses aligned with `r.pops` (older hubs send none: "never seen").
+fn statuses(r: &pb::ListPopsResponse) -> impl Iterator<Item = pb::PopStatus> + '_ {
+    (0..r.pops.len()).map(|i| r.statuses.get(i).cloned().unwrap_or_default())
+}
+
+/// A POP liveness value as a word.
+pub fn liveness_name(v: i32) -> &'static str {
+    match pb::PopLiveness::try_from(v) {
+        Ok(pb::PopLiveness::Online) => "online",
+        Ok(pb::PopLiveness::Suspect) => "suspect",
+        Ok(pb::PopLiveness::Offline) => "offline",
+        _ => "never-seen",
+    }
 }

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/switchyard/v1/raft.proto",
         "proto/switchyard/v1/admin.proto",
         "proto/switchyard/v1/uplink.proto",
+        "proto/switchyard/v1/enrol.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

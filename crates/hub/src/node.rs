@@ -172,6 +172,12 @@ impl Hub {
         &self.inner.raft
     }
 
+    /// The state machine's applied-index watch: changes after every applied
+    /// entry (the uplink pushes views from it).
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.inner.applied.clone()
+    }
+
     /// Reads the applied state without any ordering guarantee.
     pub fn local<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         match self.inner.state.read() {

@@ -75,6 +75,8 @@ pub async fn run(_g: &Global, a: DevArgs) -> Result<()> {
             mode,
             timeouts: Timeouts::default(),
             raft: RaftTimings::default(),
+            uplink: fresh.then_some(loopback),
+            uplink_options: Default::default(),
         })
         .await
         .with_context(|| format!("hub node {i} failed to start"))?;

@@ -47,6 +47,10 @@ pub struct HubArgs {
     /// Default: the recorded one on restart, else 127.0.0.1:7401.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// QUIC uplink listen address (UDP) for POP agents.
+    /// Default: the recorded one on restart, else 127.0.0.1:7402.
+    #[arg(long)]
+    pub uplink: Option<SocketAddr>,
     /// Address other nodes and operators dial (default: the bound gRPC address).
     #[arg(long)]
     pub advertise: Option<String>,
@@ -129,6 +133,8 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
             election_min_ms: a.election_ms,
             election_max_ms: a.election_ms * 2,
         },
+        uplink: a.uplink.or(default_listen(7402)),
+        uplink_options: Default::default(),
     };
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("cannot create data dir {}", a.data_dir.display()))?;
@@ -139,6 +145,7 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
         "node_id": running.hub.id(),
         "grpc": running.grpc_addr.to_string(),
         "http": running.http_addr.to_string(),
+        "uplink": running.uplink_addr.to_string(),
         "pid": std::process::id(),
     });
     if let Some(p) = &a.ready_file {

@@ -29,6 +29,10 @@ pub struct NodeRecord {
     pub http: String,
     /// Address other nodes dial.
     pub advertise: String,
+    /// Bound QUIC uplink address (absent in records written before the
+    /// uplink existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
 }
 
 /// Paths in one node's data dir.

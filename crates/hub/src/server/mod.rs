@@ -16,6 +16,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use switchyard_pki::{CertificateAuthority, ClientAuth, ExpectedPeer, SpiffeId};
 use switchyard_proto::pb::{
     self, admin_client::AdminClient, admin_server::AdminServer, command::Kind,
+    enrolment_server::EnrolmentServer,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -101,6 +102,11 @@ pub struct HubConfig {
     pub timeouts: Timeouts,
     /// Raft timings.
     pub raft: RaftTimings,
+    /// QUIC uplink listen address (UDP) for POP agents; port 0 picks one.
+    /// `None` on restart reuses the recorded address, else 127.0.0.1:0.
+    pub uplink: Option<SocketAddr>,
+    /// Uplink and POP certificate settings.
+    pub uplink_options: crate::uplink::server::UplinkOptions,
 }
 
 /// Why a node could not start. Each says what to do next.
@@ -131,6 +137,9 @@ pub enum StartError {
     /// Raft itself.
     #[error("raft: {0}")]
     Raft(String),
+    /// The QUIC uplink listener.
+    #[error("uplink: {0}")]
+    Uplink(#[from] crate::uplink::server::UplinkStartError),
     /// Joining an existing cluster failed.
     #[error("joining via {addr}: {message}")]
     Join {
@@ -150,12 +159,16 @@ pub struct RunningHub {
     pub grpc_addr: SocketAddr,
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
+    /// Bound QUIC uplink address (UDP).
+    pub uplink_addr: SocketAddr,
+    uplink: crate::uplink::server::UplinkServer,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningHub {
     /// Stops the listeners and Raft.
     pub async fn shutdown(self) {
+        self.uplink.shutdown().await;
         for t in &self.tasks {
             t.abort();
         }
@@ -227,6 +240,13 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     let http_addr = http_listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr: http, source })?;
+    let uplink_listen = cfg
+        .uplink
+        .or(existing
+            .as_ref()
+            .and_then(|r| r.uplink.as_deref())
+            .and_then(|u| u.parse().ok()))
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
     let advertise = cfg
         .advertise
         .clone()
@@ -253,6 +273,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
                 listen: grpc_addr.to_string(),
                 http: http_addr.to_string(),
                 advertise: advertise.clone(),
+                uplink: None,
             };
             (rec, Some(ca))
         }
@@ -273,6 +294,14 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     record.http = http_addr.to_string();
     let (ca_pem, cert_pem, key_pem) = files.read_tls()?;
     let chain = format!("{cert_pem}\n{ca_pem}");
+    // Agents must present a POP certificate on the uplink.
+    let uplink_tls = switchyard_pki::server_config(
+        &chain,
+        &key_pem,
+        &ca_pem,
+        ClientAuth::Required,
+        vec![switchyard_proto::uplink::ALPN.to_vec()],
+    )?;
     let server_tls = switchyard_pki::server_config(
         &chain,
         &key_pem,
@@ -338,12 +367,28 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     );
     let admin_svc = AdminServer::new(admin::AdminService::new(hub.clone(), authz))
         .max_decoding_message_size(MAX_ADMIN_MESSAGE);
+    let uplink = crate::uplink::server::start(
+        hub.clone(),
+        hub.applied_watch(),
+        uplink_tls,
+        uplink_listen,
+        cfg.uplink_options.clone(),
+    )?;
+    let uplink_addr = uplink.local_addr();
+    record.uplink = Some(uplink_addr.to_string());
+    let enrol_svc = EnrolmentServer::new(crate::uplink::enrol::EnrolmentService::new(
+        hub.clone(),
+        cfg.uplink_options.pop_cert_validity,
+        vec![uplink_addr.to_string()],
+    ))
+    .max_decoding_message_size(crate::uplink::enrol::MAX_ENROL_MESSAGE);
     let incoming = tls_accept::incoming(grpc_listener, Arc::new(server_tls));
     let grpc_task = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(count_status))
             .add_service(raft_svc)
             .add_service(admin_svc)
+            .add_service(enrol_svc)
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = r {
@@ -420,11 +465,13 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
             })?;
     }
     files.save_record(&record)?;
-    tracing::info!(node = record.node_id, grpc = %grpc_addr, http = %http_addr, "hub node serving");
+    tracing::info!(node = record.node_id, grpc = %grpc_addr, http = %http_addr, uplink = %uplink_addr, "hub node serving");
     Ok(RunningHub {
         hub,
         grpc_addr,
         http_addr,
+        uplink_addr,
+        uplink,
         tasks,
     })
 }
@@ -501,5 +548,6 @@ async fn join_cluster(
         listen: grpc_addr.to_string(),
         http: http_addr.to_string(),
         advertise: advertise.to_string(),
+        uplink: None,
     })
 }

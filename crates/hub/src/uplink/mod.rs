@@ -1,14 +1,19 @@
-//! The hub's side of the agent uplink, sans I/O (the quinn shell that moves
-//! bytes lives elsewhere).
+//! The hub's side of the agent uplink: sans-IO session and detector, and
+//! the quinn shell that moves their bytes.
 //!
 //! - [`session`]: one agent connection: Hello/Welcome, export deltas
 //!   proposed to Raft and acknowledged after commit, the POP's view as a
 //!   snapshot then deltas, heartbeats into the liveness detector.
 //! - [`detector`]: phi-accrual liveness over heartbeat inter-arrival times.
+//! - [`server`]: the quinn I/O shell (listener, one driver per connection,
+//!   proposals, view pushes, damping timer).
+//! - [`enrol`]: the `Enrolment` gRPC service and POP certificate signing.
 //!
 //! Wire rules: `docs/protocol.md`, "Agent <-> hub uplink".
 
 pub mod detector;
+pub mod enrol;
+pub mod server;
 pub mod session;
 
 pub use detector::{Detector, DetectorConfig, Liveness};

@@ -346,6 +346,27 @@ impl State {
             .pop_status
             .entry(c.pop.clone())
             .or_insert_with(|| new_status(&c.pop));
+        // Only the session that holds the POP may take it down: a POP that
+        // reconnected through another hub node must not be marked offline
+        // by the old connection's detector.
+        if to != pb::PopLiveness::Online
+            && !c.session.is_empty()
+            && !st.holder.is_empty()
+            && st.holder != c.session
+        {
+            return result_err(
+                index,
+                ErrorCode::Stale,
+                format!(
+                    "session {} no longer holds POP {} ({} does)",
+                    c.session, c.pop, st.holder
+                ),
+            );
+        }
+        if to == pb::PopLiveness::Online {
+            // A new holder changes no liveness, so no epoch moves.
+            st.holder = c.session.clone();
+        }
         if st.liveness == to as i32 {
             return result_ok(index);
         }

@@ -115,6 +115,18 @@ pub fn live(pop: &str, state: pb::PopLiveness) -> pb::Command {
         state: state as i32,
         reason: "test".into(),
         now_ms: 1000,
+        session: String::new(),
+    }))
+}
+
+/// `SetPopLiveness` as reported by uplink session `session`.
+pub fn live_from(pop: &str, state: pb::PopLiveness, session: &str) -> pb::Command {
+    cmd(Kind::SetPopLiveness(pb::SetPopLiveness {
+        pop: pop.into(),
+        state: state as i32,
+        reason: "test".into(),
+        now_ms: 1000,
+        session: session.into(),
     }))
 }
 

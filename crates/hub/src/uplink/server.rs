@@ -30,11 +30,9 @@
 //! keeps running and commits `Offline` unless the POP reconnects: to this
 //! node (the newer session supersedes the old one at once, which then
 //! commits nothing), or to another node. In the latter case the old node
-//! may still commit `Offline` (it cannot see other nodes' sessions, and
-//! `SetPopLiveness` carries no session id yet); the node now holding the
-//! POP notices on its next applied change that the state says `Offline`
-//! while its own session says `Online`, and commits `Online` again. The
-//! POP is then damped for `failback_after` like any recovery.
+//! would like to commit `Offline`, but `SetPopLiveness` carries the
+//! session, and the state refuses a Suspect/Offline verdict from any
+//! session other than the one that last reported the POP Online.
 //!
 //! Gap: if the hub node holding a POP dies *and* the POP dies with it (or
 //! never reconnects), no session anywhere runs a detector for it, and the
@@ -937,6 +935,7 @@ async fn commit_liveness(
                         state: state.to_pb() as i32,
                         reason: format!("hub node {} session {session_id:x}", hub.id()),
                         now_ms: now_ms(),
+                        session: format!("{}/{session_id:x}", hub.id()),
                     })),
                 })
                 .await;

@@ -498,3 +498,23 @@ fn snapshot_round_trip_keeps_everything() {
     assert_eq!(back, s);
     assert_eq!(back.encode_snapshot(), s.encode_snapshot());
 }
+
+#[test]
+fn only_the_holding_session_takes_a_pop_down() {
+    let (mut s, i) = setup();
+    let ok = |r: pb::CommandResult| assert_eq!(r.error, ErrorCode::None as i32, "{r:?}");
+    ok(s.apply(i, &live_from("a", PopLiveness::Online, "1/aa")));
+    // The POP reconnects through hub node 2: no liveness change, new holder.
+    let before = s.pop_status["a"].liveness_index;
+    ok(s.apply(i + 1, &live_from("a", PopLiveness::Online, "2/bb")));
+    assert_eq!(s.pop_status["a"].liveness_index, before);
+    assert_eq!(s.pop_status["a"].holder, "2/bb");
+    // The old connection's detector on node 1 is stale.
+    let r = s.apply(i + 2, &live_from("a", PopLiveness::Offline, "1/aa"));
+    assert_eq!(r.error, ErrorCode::Stale as i32, "{r:?}");
+    assert_eq!(s.pop_status["a"].liveness, PopLiveness::Online as i32);
+    // The holder, and an operator (no session), may.
+    ok(s.apply(i + 3, &live_from("a", PopLiveness::Suspect, "2/bb")));
+    ok(s.apply(i + 4, &live("a", PopLiveness::Offline)));
+    assert_eq!(s.pop_status["a"].liveness, PopLiveness::Offline as i32);
+}

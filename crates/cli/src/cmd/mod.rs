@@ -1,5 +1,6 @@
 //! Command-line definition and dispatch.
 
+mod agent;
 mod dev;
 mod hub;
 mod ops;
@@ -51,6 +52,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a hub node, or manage hub members (`hub members list|remove`).
     Hub(hub::HubArgs),
+    /// Run a POP agent (enrol with a token, export services, keep the view).
+    Agent(agent::AgentArgs),
     /// A whole federation on this machine, on loopback (today: the hub
     /// cluster; POP agents, DNS and gateways arrive with their issues).
     Dev(dev::DevArgs),
@@ -97,6 +100,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Command::Hub(a) => hub::run(g, a).await,
+        Command::Agent(a) => agent::run(g, a).await,
         Command::Dev(a) => dev::run(g, a).await,
         Command::Token(c) => ops::token(g, c).await,
         Command::Pop(c) => ops::pop(g, c).await,

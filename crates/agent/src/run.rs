@@ -440,7 +440,18 @@ impl Shell {
             let (ended, r) = match self.connect(&addr).await {
                 Ok((endpoint, conn)) => {
                     let (ended, r) = self.drive(&addr, &conn, resume).await;
-                    endpoint.wait_idle().await;
+                    // Let the close reach the hub (draining takes a few
+                    // round trips): before exiting when stopping, else in
+                    // the background so the next attempt is not delayed.
+                    let drain = async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
+                            .await;
+                    };
+                    if matches!(ended, Ended::Shutdown) {
+                        drain.await;
+                    } else {
+                        tokio::spawn(drain);
+                    }
                     (ended, r)
                 }
                 Err(e) => {

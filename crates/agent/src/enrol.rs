@@ -253,11 +253,15 @@ pub fn cert_validity(cert_pem: &str) -> Option<(SystemTime, SystemTime)> {
 }
 
 /// When a certificate valid over `(not_before, not_after)` is renewed: at
-/// half life.
+/// half life. The federation CA backdates `not_before` by
+/// [`CLOCK_SKEW_ALLOWANCE`](switchyard_pki::ca::CLOCK_SKEW_ALLOWANCE); the
+/// life is counted from the issue time, so that a short-lived certificate
+/// is not due for renewal the moment it arrives.
 pub fn renewal_time(validity: (SystemTime, SystemTime)) -> SystemTime {
-    let (from, to) = validity;
-    let life = to.duration_since(from).unwrap_or_default();
-    from + life / 2
+    let (not_before, to) = validity;
+    let issued = (not_before + switchyard_pki::ca::CLOCK_SKEW_ALLOWANCE).min(to);
+    let life = to.duration_since(issued).unwrap_or_default();
+    issued + life / 2
 }
 
 /// Dials `addr` (`host:port`) for gRPC with our own rustls config: the
@@ -359,6 +363,9 @@ mod tests {
         let life = to.duration_since(from).unwrap();
         // Valid for the hour asked, plus the CA's backdating for clock skew.
         assert!(life >= Duration::from_secs(3599) && life <= Duration::from_secs(2 * 3600));
-        assert_eq!(renewal_time((from, to)), from + life / 2);
+        // Half of the hour asked for, counted from the issue time.
+        let renew = renewal_time((from, to));
+        let left = to.duration_since(renew).unwrap();
+        assert!(left >= Duration::from_secs(1799) && left <= Duration::from_secs(1801));
     }
 }

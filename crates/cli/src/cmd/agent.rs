@@ -11,14 +11,14 @@ use super::Global;
 /// Run a POP agent: enrol with a join token on first start, export this
 /// POP's services to the hub over QUIC, and keep the POP's decision table
 /// (served from disk when no hub is reachable).
-///
-/// First start:
-///   switchyard agent --hub HUB:7400 --token K10... --data-dir D --services services.toml
-///
-/// Later starts need no token (the certificate, key and hub addresses are in
-/// the data dir):
-///   switchyard agent --data-dir D --services services.toml
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  first start (enrols; the token is spent):
+    switchyard agent --hub HUB:7400 --token K10... --data-dir /var/lib/switchyard/agent \\
+      --services /etc/switchyard/services.toml
+  later starts (certificate, key and hub addresses are in the data dir):
+    switchyard agent --data-dir /var/lib/switchyard/agent --services /etc/switchyard/services.toml")]
 pub struct AgentArgs {
     /// Hub gRPC address(es) to enrol through (`host:port`, comma-separated);
     /// the QUIC uplink addresses come from the hub's answer.

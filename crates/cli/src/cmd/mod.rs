@@ -52,7 +52,6 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a hub node, or manage hub members (`hub members list|remove`).
     Hub(hub::HubArgs),
-    /// Run a POP agent (enrol with a token, export services, keep the view).
     Agent(agent::AgentArgs),
     /// A whole federation on this machine, on loopback (today: the hub
     /// cluster; POP agents, DNS and gateways arrive with their issues).

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use switchyard_tests::{http_get, log_tail, Cluster, Options};
+use switchyard_tests::{http_get, log_tail, Cluster};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -117,11 +117,7 @@ fn tier0_has(v: &Value, pop: &str, ns: &str, name: &str, endpoint: &str) -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_enrols_exports_and_serves_its_view_then_lkg_without_hub() -> Result<()> {
-    let opts = Options {
-        hub_args: vec!["--uplink".into(), "127.0.0.1:0".into()],
-        ..Options::default()
-    };
-    let mut c = Cluster::start_with(bin(), 1, opts).await?;
+    let mut c = Cluster::start(bin(), 1).await?;
     let token = String::from_utf8(
         c.run_cli_ok(["token", "create", "--pop", "north-1", "--region", "eu"])
             .await?,

@@ -20,6 +20,8 @@
 //! # let _ = text; Ok(()) }
 //! ```
 
+pub mod agent;
+
 use std::{
     fs,
     io::{Read as _, Seek as _, SeekFrom},
@@ -79,6 +81,8 @@ pub struct Node {
     pub grpc: SocketAddr,
     /// Its HTTP address (`/healthz`, `/readyz`, `/metrics`).
     pub http: SocketAddr,
+    /// Its QUIC uplink address for POP agents; kept across restarts.
+    pub uplink: SocketAddr,
     /// Its stdout and stderr (appended across restarts).
     pub log: PathBuf,
     ready_file: PathBuf,
@@ -155,6 +159,7 @@ struct ReadyInfo {
     node_id: u64,
     grpc: SocketAddr,
     http: SocketAddr,
+    uplink: SocketAddr,
 }
 
 fn parse_ready(text: &str) -> Option<ReadyInfo> {
@@ -163,6 +168,7 @@ fn parse_ready(text: &str) -> Option<ReadyInfo> {
         node_id: v.get("node_id")?.as_u64()?,
         grpc: v.get("grpc")?.as_str()?.parse().ok()?,
         http: v.get("http")?.as_str()?.parse().ok()?,
+        uplink: v.get("uplink")?.as_str()?.parse().ok()?,
     })
 }
 
@@ -258,13 +264,23 @@ impl Cluster {
             data_dir,
             grpc: ([127, 0, 0, 1], 0).into(),
             http: ([127, 0, 0, 1], 0).into(),
+            uplink: ([127, 0, 0, 1], 0).into(),
             child: None,
         };
         let mut args = mode_args;
+        // Every address on port 0 so tests run in parallel; restarts reuse
+        // the recorded ones.
         args.extend(
-            ["--listen", LOOPBACK_ANY, "--http", LOOPBACK_ANY]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "--listen",
+                LOOPBACK_ANY,
+                "--http",
+                LOOPBACK_ANY,
+                "--uplink",
+                LOOPBACK_ANY,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
         self.spawn(&mut node, args)?;
         // Pushed before waiting: a failed start is still cleaned up.
@@ -276,6 +292,7 @@ impl Cluster {
         }
         self.nodes[idx].grpc = info.grpc;
         self.nodes[idx].http = info.http;
+        self.nodes[idx].uplink = info.uplink;
         Ok(())
     }
 
@@ -312,6 +329,25 @@ impl Cluster {
             bail!("no hub node {id} (the cluster has {})", self.nodes.len());
         }
         Ok(i)
+    }
+
+    /// Every node's gRPC address, comma-separated (for `agent --hub`).
+    pub fn grpc_addrs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.grpc.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's QUIC uplink address, comma-separated (for
+    /// `agent --uplink-addr`).
+    pub fn uplink_addrs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.uplink.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Node `id` (1-based).
@@ -478,6 +514,7 @@ impl Cluster {
                 data_dir: PathBuf::new(),
                 grpc: ([127, 0, 0, 1], 0).into(),
                 http: ([127, 0, 0, 1], 0).into(),
+                uplink: ([127, 0, 0, 1], 0).into(),
                 log: PathBuf::new(),
                 ready_file: PathBuf::new(),
                 child: None,
@@ -488,7 +525,7 @@ impl Cluster {
         spawned?;
         let info = wait_ready_file(&mut self.nodes[i]).await?;
         let n = &self.nodes[i];
-        if info.grpc != n.grpc || info.http != n.http {
+        if info.grpc != n.grpc || info.http != n.http || info.uplink != n.uplink {
             bail!(
                 "hub node {id} came back on {} / {} instead of {} / {}",
                 info.grpc,

@@ -379,6 +379,7 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             v["liveness"] = json!(liveness_name(st.liveness));
                             v["damped"] = json!(st.damped);
                             v["liveness_reason"] = json!(st.reason);
+                            v["liveness_index"] = json!(st.liveness_index);
                             v
                         })
                         .collect(),

@@ -74,6 +74,10 @@ pub struct Counters {
     pub cert_renewals_refused: AtomicU64,
     /// Expiry of the certificate in use (seconds since the Unix epoch).
     pub cert_not_after_s: AtomicU64,
+    /// UDP payload bytes sent on uplink connections (quinn's statistics).
+    pub uplink_udp_tx_bytes: AtomicU64,
+    /// UDP payload bytes received on uplink connections.
+    pub uplink_udp_rx_bytes: AtomicU64,
 }
 
 /// What the agent knows about itself, shared with the HTTP handlers.
@@ -244,6 +248,18 @@ impl Status {
             "gauge",
             "Expiry of the certificate in use (seconds since the Unix epoch).",
             get(&c.cert_not_after_s),
+        );
+        metric(
+            "switchyard_agent_uplink_udp_tx_bytes_total",
+            "counter",
+            "UDP bytes sent on uplink connections (QUIC statistics).",
+            get(&c.uplink_udp_tx_bytes),
+        );
+        metric(
+            "switchyard_agent_uplink_udp_rx_bytes_total",
+            "counter",
+            "UDP bytes received on uplink connections (QUIC statistics).",
+            get(&c.uplink_udp_rx_bytes),
         );
         out
     }

@@ -540,6 +540,7 @@ impl Shell {
             self.give_exports(&mut session, set);
         }
         let mut seen = AgentSessionStats::default();
+        let mut seen_udp = UdpSeen::default();
         let mut established = false;
         let mut renew_at = self.renewal_deadline();
         let mut pending_key: Option<(u64, String)> = None;
@@ -653,6 +654,7 @@ impl Shell {
                 continue;
             }
             self.sync_stats(&mut seen, session.stats());
+            self.sync_udp(&mut seen_udp, conn);
             let timer = session.poll_timeout().map(Instant::from_std);
             let renew = if pending_key.is_none() && session.is_established() {
                 renew_at
@@ -703,6 +705,7 @@ impl Shell {
             }
         };
         self.sync_stats(&mut seen, session.stats());
+        self.sync_udp(&mut seen_udp, conn);
         self.exports = exports;
         (ended, session.into_resume())
     }
@@ -878,6 +881,28 @@ impl Shell {
         );
         *seen = now.clone();
     }
+
+    /// Adds what `conn` sent and received since the last call to the
+    /// process-wide uplink byte counters.
+    fn sync_udp(&self, seen: &mut UdpSeen, conn: &quinn::Connection) {
+        let c = &self.status.counters;
+        let s = conn.stats();
+        c.uplink_udp_tx_bytes
+            .fetch_add(s.udp_tx.bytes.saturating_sub(seen.tx), Ordering::Relaxed);
+        c.uplink_udp_rx_bytes
+            .fetch_add(s.udp_rx.bytes.saturating_sub(seen.rx), Ordering::Relaxed);
+        *seen = UdpSeen {
+            tx: s.udp_tx.bytes,
+            rx: s.udp_rx.bytes,
+        };
+    }
+}
+
+/// UDP byte counts of one connection already added to the counters.
+#[derive(Debug, Default)]
+struct UdpSeen {
+    tx: u64,
+    rx: u64,
 }
 
 /// Sleeps until `t`, or forever when `None`.

@@ -27,7 +27,6 @@ pub struct Agent {
     bin: PathBuf,
     services: PathBuf,
     hub_grpc: String,
-    hub_uplink: String,
     ready_file: PathBuf,
     child: Option<Child>,
     backend: Option<tokio::task::JoinHandle<()>>,
@@ -48,8 +47,10 @@ pub async fn tcp_backend() -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> 
 
 impl Agent {
     /// Enrols POP `pop` with `token` and starts its agent in `dir`,
-    /// exporting one ClusterSetIP service `namespace/name` whose endpoint is
-    /// a fresh [`tcp_backend`]. Waits until the agent serves HTTP.
+    /// exporting each ClusterSetIP service `namespace/name` with a fresh
+    /// [`tcp_backend`] as endpoint. Waits until the agent serves HTTP. The
+    /// agent learns every hub node's uplink address from enrolment;
+    /// `_hub_uplink` is kept for callers that want to log it.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         bin: &Path,
@@ -57,7 +58,7 @@ impl Agent {
         pop: &str,
         token: &str,
         hub_grpc: &str,
-        hub_uplink: &str,
+        _hub_uplink: &str,
         services: &[(&str, &str)],
     ) -> Result<Agent> {
         let data_dir = dir.join(format!("agent-{pop}"));
@@ -83,7 +84,6 @@ impl Agent {
             bin: bin.to_path_buf(),
             services: services_file,
             hub_grpc: hub_grpc.to_string(),
-            hub_uplink: hub_uplink.to_string(),
             data_dir,
             child: None,
             backend: Some(handle),
@@ -103,8 +103,6 @@ impl Agent {
         cmd.arg("agent")
             .arg("--hub")
             .arg(&self.hub_grpc)
-            .arg("--uplink-addr")
-            .arg(&self.hub_uplink)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--services")

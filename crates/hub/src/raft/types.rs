@@ -39,6 +39,7 @@ impl fmt::Display for RaftCommand {
             Some(Kind::SetPopLiveness(_)) => "set_pop_liveness",
             Some(Kind::EndFailbackDamping(_)) => "end_failback_damping",
             Some(Kind::ReportRtt(_)) => "report_rtt",
+            Some(Kind::SetHubUplink(_)) => "set_hub_uplink",
         };
         write!(f, "Command({kind})")
     }

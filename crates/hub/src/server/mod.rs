@@ -401,7 +401,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    let tasks = vec![grpc_task, http_task];
+    let mut tasks = vec![grpc_task, http_task];
 
     // First start of a bootstrap node: form the single-node cluster and
     // write the federation into it.
@@ -465,6 +465,10 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
             })?;
     }
     files.save_record(&record)?;
+    tasks.push(tokio::spawn(announce_uplink(
+        hub.clone(),
+        uplink_addr.to_string(),
+    )));
     tracing::info!(node = record.node_id, grpc = %grpc_addr, http = %http_addr, uplink = %uplink_addr, "hub node serving");
     Ok(RunningHub {
         hub,
@@ -550,4 +554,31 @@ async fn join_cluster(
         advertise: advertise.to_string(),
         uplink: None,
     })
+}
+
+/// Records this node's uplink address in the replicated state (retrying
+/// while there is no leader), so enrolment can list every node.
+async fn announce_uplink(hub: Hub, addr: String) {
+    let id = hub.id();
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        if hub.local(|s| s.hub_uplinks.get(&id) == Some(&addr)) {
+            return;
+        }
+        let cmd = pb::Command {
+            kind: Some(Kind::SetHubUplink(pb::SetHubUplink {
+                uplink: Some(pb::HubUplink {
+                    node: id,
+                    addr: addr.clone(),
+                }),
+            })),
+        };
+        match hub.propose(cmd).await {
+            Ok(r) if r.error == 0 => return,
+            Ok(r) => tracing::warn!(message = r.message, "uplink address refused"),
+            Err(e) => tracing::debug!(error = %e, "uplink address not recorded yet"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
 }

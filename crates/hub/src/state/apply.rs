@@ -100,6 +100,17 @@ impl State {
             Kind::SetPopLiveness(c) => self.set_pop_liveness(index, c),
             Kind::EndFailbackDamping(c) => self.end_failback_damping(index, c),
             Kind::ReportRtt(c) => self.report_rtt(index, c),
+            Kind::SetHubUplink(c) => match &c.uplink {
+                Some(u) if u.node > 0 && !u.addr.is_empty() => {
+                    self.hub_uplinks.insert(u.node, u.addr.clone());
+                    result_ok(index)
+                }
+                _ => result_err(
+                    index,
+                    ErrorCode::Invalid,
+                    "hub uplink needs a node id and an address",
+                ),
+            },
         }
     }
 

@@ -64,6 +64,8 @@ pub struct State {
     /// carry their index, so this one does: it is part of every view's
     /// epoch, which therefore never goes down.
     pub tombstone_index: u64,
+    /// QUIC uplink address (host:port) of each hub node, by node id.
+    pub hub_uplinks: BTreeMap<u64, String>,
 }
 
 impl State {
@@ -82,6 +84,14 @@ impl State {
             vips: self.vips.values().cloned().collect(),
             rtts: self.rtts.values().cloned().collect(),
             tombstone_index: self.tombstone_index,
+            hub_uplinks: self
+                .hub_uplinks
+                .iter()
+                .map(|(node, addr)| pb::HubUplink {
+                    node: *node,
+                    addr: addr.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -131,6 +141,9 @@ impl State {
         }
         for r in snap.rtts {
             s.rtts.insert((r.from_pop.clone(), r.to_pop.clone()), r);
+        }
+        for u in snap.hub_uplinks {
+            s.hub_uplinks.insert(u.node, u.addr);
         }
         Ok(s)
     }

@@ -91,6 +91,29 @@ impl EnrolmentService {
         }
     }
 
+    /// Every member's uplink address as announced in the state (so an
+    /// agent can fail over to any node), this node's own when none is.
+    fn quic_addrs(&self) -> Vec<String> {
+        let m = self.hub.raft().metrics().borrow_watched().clone();
+        let members: Vec<u64> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        let announced: Vec<String> = self.hub.local(|s| {
+            members
+                .iter()
+                .filter_map(|id| s.hub_uplinks.get(id).cloned())
+                .collect()
+        });
+        if announced.is_empty() {
+            self.quic_addrs.clone()
+        } else {
+            announced
+        }
+    }
+
     fn grpc_addrs(&self) -> Vec<String> {
         let m = self.hub.raft().metrics().borrow_watched().clone();
         m.membership_config
@@ -236,7 +259,7 @@ impl Enrolment for EnrolmentService {
             domain: ca.domain().to_string(),
             pop,
             labels,
-            hub_quic_addrs: self.quic_addrs.clone(),
+            hub_quic_addrs: self.quic_addrs(),
             hub_grpc_addrs: self.grpc_addrs(),
             not_after_ms: now_ms().saturating_add(validity_ms),
         }))

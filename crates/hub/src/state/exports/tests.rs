@@ -518,3 +518,23 @@ fn only_the_holding_session_takes_a_pop_down() {
     ok(s.apply(i + 4, &live("a", PopLiveness::Offline)));
     assert_eq!(s.pop_status["a"].liveness, PopLiveness::Offline as i32);
 }
+
+#[test]
+fn hub_uplinks_are_recorded_and_survive_snapshots() {
+    let (mut s, i) = setup();
+    let set = |node, addr: &str| pb::Command {
+        kind: Some(pb::command::Kind::SetHubUplink(pb::SetHubUplink {
+            uplink: Some(pb::HubUplink {
+                node,
+                addr: addr.into(),
+            }),
+        })),
+    };
+    assert_eq!(s.apply(i, &set(1, "127.0.0.1:7402")).error, 0);
+    assert_eq!(s.apply(i + 1, &set(2, "127.0.0.1:7412")).error, 0);
+    assert_eq!(s.apply(i + 2, &set(2, "127.0.0.1:7413")).error, 0);
+    assert_ne!(s.apply(i + 3, &set(0, "x")).error, 0);
+    assert_eq!(s.hub_uplinks[&2], "127.0.0.1:7413");
+    let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
+    assert_eq!(back, s);
+}

@@ -142,7 +142,7 @@ async fn pops_fail_over_and_fail_back() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hub_leader_death_marks_no_pop_offline() -> Result<()> {
+async fn hub_leader_death_marks_no_pop_offline_and_views_survive_the_hub() -> Result<()> {
     let mut c = Cluster::start(bin(), 3).await?;
     c.run_cli_ok(["policy", "set", "demo/echo", "--failback-after", "30s"])
         .await?;
@@ -197,5 +197,27 @@ async fn hub_leader_death_marks_no_pop_offline() -> Result<()> {
         assert_eq!(t.len(), 2, "{}: view lost content: {t:?}", a.pop);
     }
     assert_eq!(agents[0].tiers(NS, SVC).await?, before);
+    for n in ["north-1", "south-1"] {
+        assert!(
+            pop_field(&p, n, "hub_node")
+                .as_str()
+                .is_some_and(|h| h != "-"),
+            "{n}: {p}"
+        );
+    }
+
+    // Every hub node down: agents keep serving their last view.
+    for id in c.ids() {
+        c.kill(id)?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for a in &agents {
+        assert_eq!(
+            a.tiers(NS, SVC).await?.len(),
+            2,
+            "{} lost its view with the hub down",
+            a.pop
+        );
+    }
     Ok(())
 }

@@ -380,12 +380,13 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             v["damped"] = json!(st.damped);
                             v["liveness_reason"] = json!(st.reason);
                             v["liveness_index"] = json!(st.liveness_index);
+                            v["hub_node"] = json!(holder_node(&st.holder));
                             v
                         })
                         .collect(),
                 )),
                 output::Format::Table => output::table(
-                    &["NAME", "STATE", "REGION", "ZONE", "GROUP", "CREATED"],
+                    &["NAME", "STATE", "HUB", "REGION", "ZONE", "GROUP", "CREATED"],
                     &r.pops
                         .iter()
                         .zip(statuses(&r))
@@ -398,6 +399,7 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             vec![
                                 p.name.clone(),
                                 state,
+                                holder_node(&st.holder),
                                 l.region,
                                 l.zone,
                                 l.group,
@@ -671,5 +673,13 @@ pub fn liveness_name(v: i32) -> &'static str {
         Ok(pb::PopLiveness::Suspect) => "suspect",
         Ok(pb::PopLiveness::Offline) => "offline",
         _ => "never-seen",
+    }
+}
+
+/// The hub node of an uplink session holder (`<node>/<session>`), or "-".
+fn holder_node(holder: &str) -> String {
+    match holder.split_once('/') {
+        Some((node, _)) => node.to_string(),
+        None => "-".into(),
     }
 }

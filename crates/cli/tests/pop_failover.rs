@@ -7,17 +7,13 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde_json::Value;
-use switchyard_tests::{agent::Agent, Cluster, DEADLINE};
+use switchyard_tests::{
+    agent::{self, Agent},
+    Cluster, DEADLINE,
+};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
-}
-
-async fn token(c: &Cluster, pop: &str, region: &str) -> Result<String> {
-    let out = c
-        .run_cli_ok(["token", "create", "--pop", pop, "--region", region])
-        .await?;
-    Ok(String::from_utf8(out)?.trim().to_string())
 }
 
 async fn pops(c: &Cluster) -> Result<Value> {
@@ -48,6 +44,15 @@ async fn wait_pops(c: &Cluster, what: &str, ok: impl Fn(&Value) -> bool) -> Resu
     anyhow::bail!("{what} not seen within {DEADLINE:?}; last: {last}")
 }
 
+/// Enrols and starts one agent per (POP, region), each exporting demo/echo.
+async fn start_agents(c: &Cluster, dir: &Path, pops: &[(&str, &str)]) -> Result<Vec<Agent>> {
+    let mut agents = Vec::new();
+    for (pop, region) in pops {
+        agents.push(agent::enrol(c, dir, pop, region, &[(NS, SVC)]).await?);
+    }
+    Ok(agents)
+}
+
 const NS: &str = "demo";
 const SVC: &str = "echo";
 
@@ -62,26 +67,16 @@ async fn pops_fail_over_and_fail_back() -> Result<()> {
     c.run_cli_ok(["policy", "set", "demo/echo", "--failback-after", "4s"])
         .await?;
     let dir = tempfile::tempdir()?;
-    let mut agents = Vec::new();
-    for (pop, region) in [
-        ("north-1", "north"),
-        ("north-2", "north"),
-        ("south-1", "south"),
-    ] {
-        let t = token(&c, pop, region).await?;
-        agents.push(
-            Agent::start(
-                bin(),
-                dir.path(),
-                pop,
-                &t,
-                &c.grpc_addrs(),
-                &c.uplink_addrs(),
-                &[(NS, SVC)],
-            )
-            .await?,
-        );
-    }
+    let mut agents = start_agents(
+        &c,
+        dir.path(),
+        &[
+            ("north-1", "north"),
+            ("north-2", "north"),
+            ("south-1", "south"),
+        ],
+    )
+    .await?;
     let [n1, n2, s1] = &mut agents[..] else {
         unreachable!()
     };
@@ -147,22 +142,12 @@ async fn hub_leader_death_marks_no_pop_offline_and_views_survive_the_hub() -> Re
     c.run_cli_ok(["policy", "set", "demo/echo", "--failback-after", "30s"])
         .await?;
     let dir = tempfile::tempdir()?;
-    let mut agents = Vec::new();
-    for (pop, region) in [("north-1", "north"), ("south-1", "south")] {
-        let t = token(&c, pop, region).await?;
-        agents.push(
-            Agent::start(
-                bin(),
-                dir.path(),
-                pop,
-                &t,
-                &c.grpc_addrs(),
-                &c.uplink_addrs(),
-                &[(NS, SVC)],
-            )
-            .await?,
-        );
-    }
+    let agents = start_agents(
+        &c,
+        dir.path(),
+        &[("north-1", "north"), ("south-1", "south")],
+    )
+    .await?;
     let before = agents[0]
         .wait_tiers(NS, SVC, "both POPs in tiers", |t| t.len() == 2)
         .await?;

@@ -49,16 +49,13 @@ impl Agent {
     /// Enrols POP `pop` with `token` and starts its agent in `dir`,
     /// exporting each ClusterSetIP service `namespace/name` with a fresh
     /// [`tcp_backend`] as endpoint. Waits until the agent serves HTTP. The
-    /// agent learns every hub node's uplink address from enrolment;
-    /// `_hub_uplink` is kept for callers that want to log it.
-    #[allow(clippy::too_many_arguments)]
+    /// agent learns every hub node's uplink address from enrolment.
     pub async fn start(
         bin: &Path,
         dir: &Path,
         pop: &str,
         token: &str,
         hub_grpc: &str,
-        _hub_uplink: &str,
         services: &[(&str, &str)],
     ) -> Result<Agent> {
         let data_dir = dir.join(format!("agent-{pop}"));
@@ -232,6 +229,24 @@ impl Agent {
             log_tail(&self.log, 20)
         )
     }
+}
+
+/// Creates a join token for `pop` in `region` with the CLI and starts its
+/// agent in `dir`, exporting `services`.
+pub async fn enrol(
+    c: &crate::Cluster,
+    dir: &Path,
+    pop: &str,
+    region: &str,
+    services: &[(&str, &str)],
+) -> Result<Agent> {
+    let out = c
+        .run_cli_ok(["token", "create", "--pop", pop, "--region", region])
+        .await?;
+    let token = String::from_utf8(out)?.trim().to_string();
+    Agent::start(c.bin(), dir, pop, &token, &c.grpc_addrs(), services)
+        .await
+        .with_context(|| format!("cannot start the agent of {pop}"))
 }
 
 /// The POP names per tier of `ns/name` in a `/debug/view` document.

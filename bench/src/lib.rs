@@ -1,10 +1,13 @@
 //! Benchmarks for Switchyard. The `hub-vs-etcd` binary measures hub write
-//! throughput and commit latency next to a 3-member etcd cluster; this
-//! library holds its pieces (process launchers, clients, statistics).
+//! throughput and commit latency next to a 3-member etcd cluster;
+//! `failover-time` and `uplink-idle` measure POP failover and the idle
+//! uplink cost with real hub and agent processes. This library holds their
+//! pieces (process launchers, clients, statistics).
 
 pub mod etcd;
 pub mod hub;
 pub mod load;
+pub mod pops;
 pub mod proc;
 
 /// The vendored minimal etcd v3 API (`bench/proto/etcd/rpc.proto`).

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use switchyard_tests::{agent::Agent, Cluster};
 
 /// Namespace of the exported service.
@@ -25,30 +25,9 @@ pub fn pop_names(n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Creates an enrolment token for `pop` in `region`.
-pub async fn token(c: &Cluster, pop: &str, region: &str) -> Result<String> {
-    let out = c
-        .run_cli_ok(["token", "create", "--pop", pop, "--region", region])
-        .await
-        .with_context(|| format!("cannot create a token for {pop}"))?;
-    Ok(String::from_utf8(out)
-        .context("token is not UTF-8")?
-        .trim()
-        .to_string())
-}
-
 /// Enrols `pop` and starts its agent, exporting `demo/echo`.
-pub async fn start_agent(
-    bin: &Path,
-    c: &Cluster,
-    dir: &Path,
-    pop: &str,
-    region: &str,
-) -> Result<Agent> {
-    let t = token(c, pop, region).await?;
-    Agent::start(bin, dir, pop, &t, &c.grpc_addrs(), &[(NS, SVC)])
-        .await
-        .with_context(|| format!("cannot start the agent of {pop}"))
+pub async fn start_agent(c: &Cluster, dir: &Path, pop: &str, region: &str) -> Result<Agent> {
+    switchyard_tests::agent::enrol(c, dir, pop, region, &[(NS, SVC)]).await
 }
 
 /// Whether `pop` is in any tier of `tiers`.

@@ -83,7 +83,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut agents = Vec::new();
     for (pop, region) in pop_names(args.pops) {
-        agents.push(start_agent(bin, &c, dir.path(), &pop, &region).await?);
+        agents.push(start_agent(&c, dir.path(), &pop, &region).await?);
     }
     wait_full_mesh(&agents, DEADLINE).await?;
     eprintln!("all {} POPs in every view", args.pops);

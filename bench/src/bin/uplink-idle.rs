@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
     let mut agents = Vec::new();
     let mut steps = Vec::new();
     for (pop, region) in pop_names(args.pops) {
-        agents.push(start_agent(bin, &c, dir.path(), &pop, &region).await?);
+        agents.push(start_agent(&c, dir.path(), &pop, &region).await?);
         wait_full_mesh(&agents, Duration::from_secs(60)).await?;
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
         let mut before = Vec::new();

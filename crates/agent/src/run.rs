@@ -107,7 +107,9 @@ impl Default for AgentConfig {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(10),
+            // A hub node that dies sends no CLOSE: this is how long until
+            // the agent moves to another node (three missed keep-alives).
+            idle_timeout: Duration::from_secs(3),
             renewal_retry: Duration::from_secs(60),
         }
     }

@@ -162,6 +162,12 @@ async fn hub_leader_death_marks_no_pop_offline_and_views_survive_the_hub() -> Re
         .collect();
 
     let leader = c.leader().await?;
+    // (POP, uplink session) for the POPs the leader holds.
+    let held_by_leader: Vec<(String, Value)> = ["north-1", "south-1"]
+        .iter()
+        .filter(|n| pop_field(&p, n, "hub_node").as_str() == Some(leader.to_string().as_str()))
+        .map(|n| (n.to_string(), pop_field(&p, n, "session").clone()))
+        .collect();
     c.kill(leader)?;
     // Agents on the dead node reconnect elsewhere; give detectors on the
     // surviving nodes more than their offline budget to (wrongly) fire.
@@ -182,12 +188,29 @@ async fn hub_leader_death_marks_no_pop_offline_and_views_survive_the_hub() -> Re
         assert_eq!(t.len(), 2, "{}: view lost content: {t:?}", a.pop);
     }
     assert_eq!(agents[0].tiers(NS, SVC).await?, before);
+    // POPs whose hub node died are taken over by a new session (on another
+    // node, or on the restarted one) once the agent notices: QUIC idle
+    // timeout, as a dead node sends no close.
+    let p = wait_pops(
+        &c,
+        "POPs of the dead hub node taken over by a new session",
+        |p| {
+            held_by_leader.iter().all(|(n, session)| {
+                let now = pop_field(p, n, "session");
+                now != session && now != ""
+            })
+        },
+    )
+    .await?;
     for n in ["north-1", "south-1"] {
+        assert_eq!(pop_field(&p, n, "liveness"), "online", "{n}: {p}");
+    }
+    for a in &agents {
+        let (_, m) = switchyard_tests::http_get(a.http, "/metrics").await?;
         assert!(
-            pop_field(&p, n, "hub_node")
-                .as_str()
-                .is_some_and(|h| h != "-"),
-            "{n}: {p}"
+            m.contains("switchyard_agent_connected 1\n"),
+            "{} is not connected:\n{m}",
+            a.pop
         );
     }
 

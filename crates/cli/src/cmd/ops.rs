@@ -381,6 +381,7 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             v["liveness_reason"] = json!(st.reason);
                             v["liveness_index"] = json!(st.liveness_index);
                             v["hub_node"] = json!(holder_node(&st.holder));
+                            v["session"] = json!(st.holder);
                             v
                         })
                         .collect(),

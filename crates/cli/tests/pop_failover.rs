@@ -229,3 +229,44 @@ async fn hub_leader_death_marks_no_pop_offline_and_views_survive_the_hub() -> Re
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop_dying_with_its_hub_node_is_marked_offline() -> Result<()> {
+    let mut c = Cluster::start(bin(), 3).await?;
+    let dir = tempfile::tempdir()?;
+    let mut agents = start_agents(
+        &c,
+        dir.path(),
+        &[("north-1", "north"), ("south-1", "south")],
+    )
+    .await?;
+    agents[1]
+        .wait_tiers(NS, SVC, "both POPs in tiers", |t| t.len() == 2)
+        .await?;
+    let p = wait_pops(&c, "north-1 held by a hub node", |p| {
+        pop_field(p, "north-1", "hub_node")
+            .as_str()
+            .is_some_and(|h| h != "-")
+    })
+    .await?;
+    let holder: u64 = pop_field(&p, "north-1", "hub_node")
+        .as_str()
+        .and_then(|h| h.parse().ok())
+        .expect("hub node id");
+    // The POP and the hub node holding its session die together: no
+    // detector anywhere watches it any more; the leader's sweep must.
+    agents[0].kill();
+    c.kill(holder)?;
+    agents[1]
+        .wait_tiers(NS, SVC, "north-1 dropped at south-1", |t| {
+            without(t, "north-1")
+        })
+        .await?;
+    let p = wait_pops(&c, "north-1 offline", |p| {
+        pop_field(p, "north-1", "liveness") == "offline"
+    })
+    .await?;
+    println!("north-1: {}", pop_field(&p, "north-1", "liveness_reason"));
+    assert_eq!(pop_field(&p, "south-1", "liveness"), "online", "{p}");
+    Ok(())
+}

@@ -34,11 +34,9 @@
 //! session, and the state refuses a Suspect/Offline verdict from any
 //! session other than the one that last reported the POP Online.
 //!
-//! Gap: if the hub node holding a POP dies *and* the POP dies with it (or
-//! never reconnects), no session anywhere runs a detector for it, and the
-//! POP stays `Online` in the state. Fixing this needs a per-session lease
-//! in the replicated state (e.g. the holding node and session id with a
-//! renewal time, swept by the leader); it is not built yet.
+//! If the hub node holding a POP dies *and* the POP dies with it (or never
+//! reconnects), no session anywhere runs a detector for it: the leader's
+//! orphan sweep (see [`ORPHAN_GRACE`]) marks it offline instead.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -985,13 +983,16 @@ async fn damping_timer(shared: Arc<Shared>) {
     let mut deadlines: HashMap<(String, u64), tokio::time::Instant> = HashMap::new();
     let mut tick = tokio::time::interval(shared.options.damping_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut orphans = OrphanSweeper::default();
     loop {
         tick.tick().await;
         let leader = hub.raft().metrics().borrow_watched().current_leader;
         if leader != Some(hub.id()) {
             deadlines.clear();
+            orphans = OrphanSweeper::default();
             continue;
         }
+        orphans.sweep(hub).await;
         let damped: Vec<(String, u64, i64, u64)> = hub.local(|s| {
             s.pop_status
                 .values()
@@ -1032,6 +1033,94 @@ async fn damping_timer(shared: Arc<Shared>) {
                 }
                 Ok(r) => tracing::debug!(pop, message = r.message, "damping end refused"),
                 Err(e) => tracing::debug!(pop, error = %e, "damping end not acknowledged"),
+            }
+        }
+    }
+}
+
+/// How long a POP may stay held by a hub node the leader cannot reach
+/// before the leader declares it offline: the agent's QUIC idle timeout
+/// (3 s) plus a reconnect, with margin. Only a POP whose agent did not
+/// reconnect anywhere (it died with its hub node) stays held that long.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(6);
+
+/// The leader's sweep for POPs orphaned by a dead hub node: the node held
+/// the POP's session and ran its detector, so with both gone nobody would
+/// ever mark the POP offline. The verdict carries the dead holder's session,
+/// so the state refuses it if the POP reconnected elsewhere meanwhile.
+#[derive(Default)]
+struct OrphanSweeper {
+    /// When this node became leader (heartbeat ages mean nothing before).
+    since: Option<tokio::time::Instant>,
+    /// (pop, holder) verdicts already proposed.
+    proposed: std::collections::HashSet<(String, String)>,
+}
+
+impl OrphanSweeper {
+    async fn sweep(&mut self, hub: &Hub) {
+        let now = tokio::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) < ORPHAN_GRACE {
+            return;
+        }
+        let m = hub.raft().metrics().borrow_watched().clone();
+        let Some(beats) = m.heartbeat.as_ref() else {
+            return;
+        };
+        let me = hub.id();
+        let silent = |node: u64| match beats.get(&node) {
+            // Not a member any more.
+            None => true,
+            Some(None) => true,
+            Some(Some(t)) => openraft::Instant::elapsed(&**t) > ORPHAN_GRACE,
+        };
+        let held: Vec<(String, String)> = hub.local(|s| {
+            s.pop_status
+                .values()
+                .filter(|st| {
+                    matches!(
+                        pb::PopLiveness::try_from(st.liveness),
+                        Ok(pb::PopLiveness::Online | pb::PopLiveness::Suspect)
+                    )
+                })
+                .map(|st| (st.pop.clone(), st.holder.clone()))
+                .collect()
+        });
+        self.proposed.retain(|k| held.contains(k));
+        for (pop, holder) in held {
+            let Some(node) = holder
+                .split_once('/')
+                .and_then(|(n, _)| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if node == me || !silent(node) || self.proposed.contains(&(pop.clone(), holder.clone()))
+            {
+                continue;
+            }
+            let r = hub
+                .propose(pb::Command {
+                    kind: Some(Kind::SetPopLiveness(pb::SetPopLiveness {
+                        pop: pop.clone(),
+                        state: pb::PopLiveness::Offline as i32,
+                        reason: format!(
+                            "hub node {node} holding it is unreachable and the POP did not reconnect"
+                        ),
+                        now_ms: now_ms(),
+                        session: holder.clone(),
+                    })),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    if r.error == ErrorCode::None as i32 {
+                        tracing::warn!(pop, node, "orphaned POP marked offline");
+                        ::metrics::counter!(LIVENESS_TRANSITIONS, "state" => "POP_LIVENESS_OFFLINE")
+                            .increment(1);
+                    }
+                    self.proposed.insert((pop, holder));
+                }
+                Err(e) => tracing::debug!(pop, error = %e, "orphan verdict not acknowledged"),
             }
         }
     }

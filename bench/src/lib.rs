@@ -1,7 +1,8 @@
 //! Benchmarks for Switchyard. The `hub-vs-etcd` binary measures hub write
 //! throughput and commit latency next to a 3-member etcd cluster;
 //! `failover-time` and `uplink-idle` measure POP failover and the idle
-//! uplink cost with real hub and agent processes. This library holds their
+//! uplink cost with real hub and agent processes; `fanout` the spread of a
+//! new export to 1000 simulated POPs. This library holds their
 //! pieces (process launchers, clients, statistics).
 
 pub mod etcd;

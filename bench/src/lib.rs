@@ -31,3 +31,19 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| anyhow::anyhow!("cannot read a bound port: {e}"))
 }
+
+/// Writes `report` as pretty JSON to `path` (for `--json FILE`).
+pub fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// "MET" or "MISSED", for the budget line every benchmark prints.
+pub fn verdict(within_budget: bool) -> &'static str {
+    if within_budget {
+        "MET"
+    } else {
+        "MISSED"
+    }
+}

@@ -187,16 +187,11 @@ async fn main() -> Result<()> {
     );
     println!(
         "budget: p99 <= 1 s with default settings: {} (p99 {:.1} ms)",
-        if report.within_budget {
-            "MET"
-        } else {
-            "MISSED"
-        },
+        switchyard_bench::verdict(report.within_budget),
         report.p99_ms
     );
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        switchyard_bench::write_json(path, &report)?;
     }
     Ok(())
 }

@@ -266,9 +266,7 @@ async fn run(args: &Args, etcd_bin: &Path, sy_bin: &Path, dir: &Path) -> Result<
     };
     print_report(&report);
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        switchyard_bench::write_json(path, &report)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

@@ -178,8 +178,7 @@ async fn main() -> Result<()> {
             within_budget: within,
             steps,
         };
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        switchyard_bench::write_json(path, &report)?;
     }
     Ok(())
 }

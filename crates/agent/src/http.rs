@@ -434,6 +434,7 @@ mod tests {
                 dns_ttl_s: 5,
                 ..Default::default()
             }],
+            peers: vec![],
         }
     }
 

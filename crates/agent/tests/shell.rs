@@ -74,6 +74,7 @@ fn view(pop: &str, epoch: u64) -> pb::PopView {
             dns_ttl_s: 5,
             ..Default::default()
         }],
+        peers: vec![],
     }
 }
 

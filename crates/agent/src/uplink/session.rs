@@ -309,6 +309,7 @@ impl AgentSession {
             last_applied_epoch: applied_epoch,
             last_acked_export_seq: resume.last_acked_export_seq,
             protocol_version: wire::PROTOCOL_VERSION,
+            gateway_addr: String::new(),
         };
         let deadline = now + config.welcome_timeout;
         let heartbeat_interval = config.default_heartbeat_interval;

@@ -72,6 +72,7 @@ fn view(epoch: u64, names: &[&str]) -> pb::PopView {
                 ..Default::default()
             })
             .collect(),
+        peers: vec![],
     }
 }
 
@@ -839,7 +840,7 @@ proptest! {
                             epoch,
                             upserts: names_view(epoch, &[4]).services,
                             removals: vec![key("s1")],
-                            header: Some(pb::PopView { pop: POP.into(), epoch, services: vec![] }),
+                            header: Some(pb::PopView { pop: POP.into(), epoch, services: vec![], peers: vec![] }),
                         }))
                     };
                     s.handle_frame(t0, f);

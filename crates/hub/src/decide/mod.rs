@@ -74,6 +74,7 @@ pub fn decide(state: &State, pop: &str) -> pb::PopView {
             pop: pop.to_string(),
             epoch,
             services: Vec::new(),
+            peers: Vec::new(),
         };
     };
     epoch = epoch.max(me.updated_index);
@@ -95,11 +96,45 @@ pub fn decide(state: &State, pop: &str) -> pb::PopView {
         let view = service_view(svc, policy, vip, &members, me);
         services.push(view);
     }
+    let peers = peers(state, pop, &services, &mut epoch);
     pb::PopView {
         pop: pop.to_string(),
         epoch,
         services,
+        peers,
     }
+}
+
+/// The gateways of the other POPs in any tier of `services`, sorted by POP
+/// name. Their records' indexes count toward the epoch, so a moved gateway
+/// reaches every view that routes to it.
+fn peers(
+    state: &State,
+    me: &str,
+    services: &[pb::ServiceView],
+    epoch: &mut u64,
+) -> Vec<pb::PeerGateway> {
+    let names: std::collections::BTreeSet<&str> = services
+        .iter()
+        .flat_map(|s| &s.tiers)
+        .flat_map(|t| &t.targets)
+        .map(|t| t.pop.as_str())
+        .filter(|p| *p != me)
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let rec = state.pops.get(name)?;
+            if rec.gateway_addr.is_empty() {
+                return None;
+            }
+            *epoch = (*epoch).max(rec.updated_index);
+            Some(pb::PeerGateway {
+                pop: name.to_string(),
+                gateway_addr: rec.gateway_addr.clone(),
+            })
+        })
+        .collect()
 }
 
 /// One exporting POP of a service, as decide sees it.
@@ -251,6 +286,7 @@ fn service_view(
         stale: policy.map_or(0, |p| p.stale),
         stale_drop_after_ms: policy.map_or(0, |p| p.stale_drop_after_ms),
         mode: mode as i32,
+        per_pop_names: policy.is_some_and(|p| p.per_pop_names),
     }
 }
 

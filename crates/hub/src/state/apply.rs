@@ -256,6 +256,7 @@ impl State {
                     updated_index: index,
                     created_at_ms: c.now_ms,
                     vip_cidr,
+                    gateway_addr: String::new(),
                 },
             );
             self.reconcile_pop_vips(index, &token.pop);

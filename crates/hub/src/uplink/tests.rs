@@ -36,6 +36,7 @@ fn hello(last_applied_epoch: u64) -> pb::UplinkFrame {
         last_applied_epoch,
         last_acked_export_seq: 0,
         protocol_version: wire::PROTOCOL_VERSION,
+        gateway_addr: String::new(),
     }))
 }
 
@@ -77,6 +78,7 @@ fn view(epoch: u64, names: &[&str]) -> Arc<pb::PopView> {
                 ..Default::default()
             })
             .collect(),
+        peers: vec![],
     })
 }
 

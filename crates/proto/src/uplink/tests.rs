@@ -147,6 +147,7 @@ fn delta_base_and_direction_checked() {
         pop: "a".into(),
         epoch: 5,
         services: vec![],
+        peers: vec![],
     };
     let mut d = diff_views(
         &old,
@@ -180,11 +181,13 @@ fn unchanged_services_are_not_sent() {
         pop: "a".into(),
         epoch: 1,
         services: vec![svc("a", 5), svc("b", 5), svc("c", 5)],
+        peers: vec![],
     };
     let new = pb::PopView {
         pop: "a".into(),
         epoch: 2,
         services: vec![svc("a", 5), svc("b", 9), svc("d", 5)],
+        peers: vec![],
     };
     let d = diff_views(&old, &new);
     let names: Vec<_> = d
@@ -232,11 +235,19 @@ fn arb_view() -> impl Strategy<Value = pb::PopView> {
         0u64..100,
         proptest::collection::vec(arb_service(), 0..8),
         "[xy]",
+        proptest::collection::vec(("[a-c]", "[0-9]{1,2}"), 0..3),
     )
-        .prop_map(|(epoch, services, pop)| pb::PopView {
+        .prop_map(|(epoch, services, pop, peers)| pb::PopView {
             pop,
             epoch,
             services,
+            peers: peers
+                .into_iter()
+                .map(|(pop, port)| pb::PeerGateway {
+                    pop,
+                    gateway_addr: format!("127.0.0.1:{port}"),
+                })
+                .collect(),
         })
 }
 

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/switchyard/v1/admin.proto",
         "proto/switchyard/v1/uplink.proto",
         "proto/switchyard/v1/enrol.proto",
+        "proto/switchyard/v1/local.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -11,6 +11,8 @@
 //! - [`enrol`]: first start with a join token (CSR, certificate);
 //! - [`config`]: the data dir (enrolment record, TLS files, export seq);
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/debug/view`;
+//! - [`gateway`]: certificates, view and reports for the POP's gateways;
+//! - [`local_api`]: the local gRPC API a separate gateway process uses;
 //! - [`run`]: the agent process and the QUIC uplink shell around
 //!   [`uplink::AgentSession`].
 //!
@@ -19,7 +21,9 @@
 pub mod config;
 pub mod enrol;
 pub mod exports;
+pub mod gateway;
 pub mod http;
+pub mod local_api;
 pub mod lkg;
 pub mod probe;
 pub mod run;

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use crate::config::{AgentRecord, ConfigError, DataDir, Identity};
 use crate::enrol::{self, EnrolError};
 use crate::exports::{all_probed, to_exports};
+use crate::gateway::{GatewayLink, GatewaySupport};
 use crate::http::{self, Status, ViewSource};
 use crate::lkg::Lkg;
 use crate::probe;
@@ -88,6 +89,10 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// Wait before retrying a refused certificate renewal.
     pub renewal_retry: Duration,
+    /// Local API for a gateway in its own process (`switchyard gateway`):
+    /// view stream, gateway certificates, RTT reports. `None`: not served.
+    /// Meant for loopback: see [`crate::local_api`].
+    pub gateway_api: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -111,6 +116,7 @@ impl Default for AgentConfig {
             // the agent moves to another node (three missed keep-alives).
             idle_timeout: Duration::from_secs(3),
             renewal_retry: Duration::from_secs(60),
+            gateway_api: None,
         }
     }
 }
@@ -133,6 +139,14 @@ pub enum AgentError {
     /// The services file is invalid.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The local gateway API could not start.
+    #[error("cannot serve the local gateway API on {addr}: {reason}")]
+    GatewayApi {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        reason: String,
+    },
     /// The HTTP listener could not bind.
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
@@ -153,6 +167,11 @@ pub struct RunningAgent {
     pub status: Arc<Status>,
     /// The enrolment record in use.
     pub record: AgentRecord,
+    /// Identities, view and reports for this POP's gateways (an embedded
+    /// gateway uses it directly; the local API serves it).
+    pub gateway: GatewaySupport,
+    /// The bound address of the local gateway API, if served.
+    pub gateway_api_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     uplink: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -240,6 +259,26 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         })?;
     tasks.push(http_task);
 
+    let (gateway, link) = GatewaySupport::new(
+        status.clone(),
+        data.clone(),
+        identity.ca_pem.clone(),
+        cfg.session.gateway_addr.clone(),
+    );
+    let gateway_api_addr = match cfg.gateway_api {
+        Some(addr) => {
+            let (bound, task) = crate::local_api::serve(addr, gateway.clone(), &data)
+                .await
+                .map_err(|e| AgentError::GatewayApi {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shell = Shell {
         cfg: cfg.clone(),
@@ -250,6 +289,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         status: status.clone(),
         exports: exports_rx,
         shutdown: shutdown_rx,
+        link: Some(link),
     };
     let resume = AgentResume::from_disk(lkg_view, export_seq);
     let uplink = tokio::spawn(shell.run(resume));
@@ -257,6 +297,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         http_addr,
         status,
         record,
+        gateway,
+        gateway_api_addr,
         shutdown,
         uplink,
         tasks,
@@ -392,6 +434,8 @@ struct Shell {
     status: Arc<Status>,
     exports: watch::Receiver<Option<Vec<pb::ServiceExport>>>,
     shutdown: watch::Receiver<bool>,
+    /// Requests from the POP's gateways; taken by the session being driven.
+    link: Option<GatewayLink>,
 }
 
 /// How one connection ended.
@@ -530,8 +574,15 @@ impl Shell {
                 return (Ended::Retry { established: false }, resume);
             }
         };
-        let mut session =
-            AgentSession::new(self.cfg.session.clone(), resume, std::time::Instant::now());
+        let Some(mut link) = self.link.take() else {
+            return (Ended::Shutdown, resume);
+        };
+        let mut session_cfg = self.cfg.session.clone();
+        session_cfg.gateway_addr = link.addr.borrow_and_update().clone();
+        let mut session = AgentSession::new(session_cfg, resume, std::time::Instant::now());
+        // A gateway certificate being issued: its request id and requester.
+        let mut pending_gw: Option<(u64, tokio::sync::oneshot::Sender<Result<String, String>>)> =
+            None;
         // Receivers of our own: the select below borrows them mutably while
         // its branches use `self`.
         let mut exports = self.exports.clone();
@@ -583,6 +634,22 @@ impl Shell {
                             reason,
                             "hub refused this POP's export set; fix the services file"
                         );
+                    }
+                    AgentEvent::CertificateIssued {
+                        request_id,
+                        cert_pem,
+                    } if pending_gw.as_ref().is_some_and(|(id, _)| *id == request_id) => {
+                        if let Some((_, reply)) = pending_gw.take() {
+                            let _ = reply.send(Ok(cert_pem));
+                        }
+                    }
+                    AgentEvent::CertificateRefused { request_id, reason }
+                        if pending_gw.as_ref().is_some_and(|(id, _)| *id == request_id) =>
+                    {
+                        tracing::warn!(reason, "gateway certificate refused by the hub");
+                        if let Some((_, reply)) = pending_gw.take() {
+                            let _ = reply.send(Err(format!("refused by the hub: {reason}")));
+                        }
                     }
                     AgentEvent::CertificateIssued {
                         request_id,
@@ -658,11 +725,9 @@ impl Shell {
             self.sync_stats(&mut seen, session.stats());
             self.sync_udp(&mut seen_udp, conn);
             let timer = session.poll_timeout().map(Instant::from_std);
-            let renew = if pending_key.is_none() && session.is_established() {
-                renew_at
-            } else {
-                None
-            };
+            let csr_free =
+                pending_key.is_none() && pending_gw.is_none() && session.is_established();
+            let renew = if csr_free { renew_at } else { None };
             tokio::select! {
                 chunk = recv.read_chunk(MAX_READ_CHUNK, true) => {
                     let now = std::time::Instant::now();
@@ -693,6 +758,24 @@ impl Shell {
                         Err(_) => exports_open = false,
                     }
                 }
+                Some(job) = link.csrs.recv(), if csr_free => {
+                    match session.request_gateway_certificate(&job.instance, job.csr_pem) {
+                        Ok(id) => {
+                            tracing::info!(request_id = id, instance = job.instance, "requesting a gateway certificate");
+                            pending_gw = Some((id, job.reply));
+                        }
+                        Err(e) => {
+                            let _ = job.reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+                Some(samples) = link.rtts.recv() => session.report_rtt(samples),
+                Ok(()) = link.addr.changed() => {
+                    let addr = link.addr.borrow_and_update().clone();
+                    if session.set_gateway_addr(addr.clone()) {
+                        tracing::info!(gateway_addr = addr, "gateway address announced to the hub");
+                    }
+                }
                 _ = sleep_until_opt(renew) => {
                     pending_key = self.request_renewal(&mut session);
                     if pending_key.is_none() {
@@ -709,6 +792,7 @@ impl Shell {
         self.sync_stats(&mut seen, session.stats());
         self.sync_udp(&mut seen_udp, conn);
         self.exports = exports;
+        self.link = Some(link);
         (ended, session.into_resume())
     }
 

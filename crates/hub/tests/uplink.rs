@@ -415,6 +415,7 @@ async fn session_welcome_view_exports_and_identity() -> Result<()> {
     c.send(FrameKind::CsrRequest(pb::CsrRequest {
         request_id: 7,
         csr_pem: csr,
+        gateway_instance: String::new(),
     }))
     .await?;
     let issued = c
@@ -628,4 +629,89 @@ async fn wait_for(mut f: impl FnMut() -> bool) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     bail!("condition not met within 2 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_address_and_gateway_certificates() -> Result<()> {
+    let hub = start_hub().await?;
+    let (cert, key) = hub.new_pop("paris").await?;
+    hub.new_pop("lyon").await?;
+
+    let mut c = Client::connect(&hub, &cert, &key).await?;
+    c.send(FrameKind::Hello(pb::Hello {
+        pop: "paris".into(),
+        agent_version: "test".into(),
+        protocol_version: wire::PROTOCOL_VERSION,
+        gateway_addr: "127.0.0.1:7443".into(),
+        ..Default::default()
+    }))
+    .await?;
+    let gw = |h: &TestHub| {
+        h.running
+            .hub
+            .local(|s| s.pops.get("paris").map(|p| p.gateway_addr.clone()))
+            .unwrap_or_default()
+    };
+    wait_for(|| gw(&hub) == "127.0.0.1:7443").await?;
+    // Announced later (a separate gateway registered with the agent).
+    c.send(FrameKind::GatewayAnnounce(pb::GatewayAnnounce {
+        gateway_addr: "127.0.0.1:7444".into(),
+    }))
+    .await?;
+    wait_for(|| gw(&hub) == "127.0.0.1:7444").await?;
+
+    // A gateway certificate of the caller's own POP is issued...
+    let (csr, _) = switchyard_pki::generate_csr(&SpiffeId::gateway(DOMAIN, "paris", "gw0")?)?;
+    c.send(FrameKind::CsrRequest(pb::CsrRequest {
+        request_id: 1,
+        csr_pem: csr,
+        gateway_instance: "gw0".into(),
+    }))
+    .await?;
+    let issued = c
+        .until(|k| match k {
+            FrameKind::CertIssued(i) => Some(i),
+            _ => None,
+        })
+        .await?;
+    assert!(issued.error.is_empty(), "{}", issued.error);
+    let der = switchyard_pki::load_certs_pem(&issued.cert_pem)?;
+    assert_eq!(
+        switchyard_pki::peer_identity_from_chain(&der)?,
+        SpiffeId::gateway(DOMAIN, "paris", "gw0")?
+    );
+    // ... one for another POP's gateway is refused, whatever the CSR says.
+    let (csr, _) = switchyard_pki::generate_csr(&SpiffeId::gateway(DOMAIN, "lyon", "gw0")?)?;
+    c.send(FrameKind::CsrRequest(pb::CsrRequest {
+        request_id: 2,
+        csr_pem: csr,
+        gateway_instance: "gw0".into(),
+    }))
+    .await?;
+    let refused = c
+        .until(|k| match k {
+            FrameKind::CertIssued(i) => Some(i),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(refused.request_id, 2);
+    assert!(refused.cert_pem.is_empty());
+    assert!(refused.error.contains("paris/gw/gw0"), "{}", refused.error);
+
+    // A malformed address closes this session with a protocol error.
+    c.send(FrameKind::GatewayAnnounce(pb::GatewayAnnounce {
+        gateway_addr: "not an address".into(),
+    }))
+    .await?;
+    let err = c
+        .until(|k| match k {
+            FrameKind::Error(e) => Some(e),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(err.code, pb::UplinkErrorCode::Protocol as i32);
+    assert_eq!(gw(&hub), "127.0.0.1:7444");
+
+    hub.running.shutdown().await;
+    Ok(())
 }

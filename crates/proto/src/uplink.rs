@@ -59,6 +59,9 @@ pub const MAX_PORTS_PER_SERVICE: usize = 64;
 /// Largest CSR or certificate PEM (bytes).
 pub const MAX_PEM_LEN: usize = 16 * 1024;
 
+/// Longest gateway tunnel address (`host:port`, bytes).
+pub const MAX_GATEWAY_ADDR_LEN: usize = 255;
+
 /// Longest error or refusal text (bytes).
 pub const MAX_MESSAGE_LEN: usize = 1024;
 
@@ -92,7 +95,8 @@ pub fn direction_of(kind: &FrameKind) -> Direction {
         | FrameKind::ExportDelta(_)
         | FrameKind::ViewAck(_)
         | FrameKind::CsrRequest(_)
-        | FrameKind::ViewRefused(_) => Direction::AgentToHub,
+        | FrameKind::ViewRefused(_)
+        | FrameKind::GatewayAnnounce(_) => Direction::AgentToHub,
         FrameKind::Welcome(_)
         | FrameKind::ExportAck(_)
         | FrameKind::ViewSnapshot(_)
@@ -111,6 +115,7 @@ pub fn kind_name(kind: &FrameKind) -> &'static str {
         FrameKind::ViewAck(_) => "ViewAck",
         FrameKind::CsrRequest(_) => "CsrRequest",
         FrameKind::ViewRefused(_) => "ViewRefused",
+        FrameKind::GatewayAnnounce(_) => "GatewayAnnounce",
         FrameKind::Welcome(_) => "Welcome",
         FrameKind::ExportAck(_) => "ExportAck",
         FrameKind::ViewSnapshot(_) => "ViewSnapshot",

@@ -47,6 +47,10 @@ pub struct AgentSessionConfig {
     /// default) changes made while a delta is being committed coalesce into
     /// the next one; the hub commits one batch at a time anyway.
     pub max_exports_in_flight: usize,
+    /// Where this POP's gateway takes QUIC tunnels (`host:port`), sent in
+    /// Hello; empty when no gateway is known yet (see
+    /// [`AgentSession::set_gateway_addr`]).
+    pub gateway_addr: String,
 }
 
 impl Default for AgentSessionConfig {
@@ -59,6 +63,7 @@ impl Default for AgentSessionConfig {
             min_heartbeat_interval: Duration::from_millis(50),
             max_heartbeat_interval: Duration::from_secs(10),
             max_exports_in_flight: 1,
+            gateway_addr: String::new(),
         }
     }
 }
@@ -227,6 +232,9 @@ pub enum CsrError {
     /// Larger than [`wire::MAX_PEM_LEN`].
     #[error("CSR of {0} bytes is too large")]
     TooLarge(usize),
+    /// A gateway CSR needs an instance name.
+    #[error("gateway instance name missing")]
+    NoInstance,
 }
 
 /// Counters for metrics.
@@ -309,7 +317,7 @@ impl AgentSession {
             last_applied_epoch: applied_epoch,
             last_acked_export_seq: resume.last_acked_export_seq,
             protocol_version: wire::PROTOCOL_VERSION,
-            gateway_addr: String::new(),
+            gateway_addr: config.gateway_addr.clone(),
         };
         let deadline = now + config.welcome_timeout;
         let heartbeat_interval = config.default_heartbeat_interval;
@@ -552,8 +560,51 @@ impl AgentSession {
         self.maybe_ack_view();
     }
 
+    /// The POP's gateway tunnel address changed: announced to the hub now
+    /// if the session is up (and in every later Hello). Returns whether a
+    /// frame was queued.
+    pub fn set_gateway_addr(&mut self, gateway_addr: String) -> bool {
+        if gateway_addr == self.config.gateway_addr {
+            return false;
+        }
+        self.config.gateway_addr = gateway_addr.clone();
+        if self.phase == Phase::Closed || gateway_addr.is_empty() {
+            return false;
+        }
+        // Before Welcome the Hello already went with the old value: the
+        // hub reads frames in order, so announcing now is still right.
+        self.push_frame(FrameKind::GatewayAnnounce(pb::GatewayAnnounce {
+            gateway_addr,
+        }));
+        true
+    }
+
     /// Sends a CSR for renewal; returns its request id.
     pub fn request_certificate(&mut self, csr_pem: String) -> Result<u64, CsrError> {
+        self.request_certificate_for(csr_pem, String::new())
+    }
+
+    /// Sends a CSR for gateway `instance` of this POP
+    /// (`spiffe://D/pop/<pop>/gw/<instance>`); returns its request id. The
+    /// answer comes as [`AgentEvent::CertificateIssued`] or
+    /// [`AgentEvent::CertificateRefused`], like a renewal (one CSR of
+    /// either kind at a time).
+    pub fn request_gateway_certificate(
+        &mut self,
+        instance: &str,
+        csr_pem: String,
+    ) -> Result<u64, CsrError> {
+        if instance.is_empty() {
+            return Err(CsrError::NoInstance);
+        }
+        self.request_certificate_for(csr_pem, instance.to_string())
+    }
+
+    fn request_certificate_for(
+        &mut self,
+        csr_pem: String,
+        gateway_instance: String,
+    ) -> Result<u64, CsrError> {
         if self.phase != Phase::Established {
             return Err(CsrError::NotConnected);
         }
@@ -569,6 +620,7 @@ impl AgentSession {
         self.push_frame(FrameKind::CsrRequest(pb::CsrRequest {
             request_id,
             csr_pem,
+            gateway_instance,
         }));
         Ok(request_id)
     }

@@ -959,3 +959,70 @@ proptest! {
         let _ = pb::UplinkFrame::decode(&[][..]);
     }
 }
+
+// ----- gateways ---------------------------------------------------------------
+
+#[test]
+fn gateway_address_goes_in_hello_and_changes_are_announced_once() {
+    let t0 = Instant::now();
+    let cfg = AgentSessionConfig {
+        gateway_addr: "10.0.0.1:7443".into(),
+        ..config()
+    };
+    let mut s = AgentSession::new(cfg, AgentResume::default(), t0);
+    match frames(&mut s).as_slice() {
+        [Kind::Hello(h)] => assert_eq!(h.gateway_addr, "10.0.0.1:7443"),
+        other => panic!("{other:?}"),
+    }
+    s.handle_frame(t0, welcome(0));
+    frames(&mut s);
+    assert!(!s.set_gateway_addr("10.0.0.1:7443".into()), "unchanged");
+    assert!(frames(&mut s).is_empty());
+    assert!(s.set_gateway_addr("10.0.0.2:7443".into()));
+    match frames(&mut s).as_slice() {
+        [Kind::GatewayAnnounce(g)] => assert_eq!(g.gateway_addr, "10.0.0.2:7443"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn gateway_certificate_requests_share_the_one_csr_slot() {
+    let t0 = Instant::now();
+    let mut s = AgentSession::new(config(), AgentResume::default(), t0);
+    assert_eq!(
+        s.request_gateway_certificate("gw0", "CSR".into()),
+        Err(CsrError::NotConnected)
+    );
+    frames(&mut s);
+    s.handle_frame(t0, welcome(0));
+    frames(&mut s);
+    events(&mut s);
+    assert_eq!(
+        s.request_gateway_certificate("", "CSR".into()),
+        Err(CsrError::NoInstance)
+    );
+    let id = s.request_gateway_certificate("gw0", "CSR".into()).unwrap();
+    match frames(&mut s).as_slice() {
+        [Kind::CsrRequest(c)] => {
+            assert_eq!(c.request_id, id);
+            assert_eq!(c.gateway_instance, "gw0");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.request_certificate("CSR".into()), Err(CsrError::Pending));
+    s.handle_frame(
+        t0,
+        frame(Kind::CertIssued(pb::CertIssued {
+            request_id: id,
+            cert_pem: "CERT".into(),
+            error: String::new(),
+        })),
+    );
+    assert_eq!(
+        events(&mut s),
+        vec![AgentEvent::CertificateIssued {
+            request_id: id,
+            cert_pem: "CERT".into()
+        }]
+    );
+}

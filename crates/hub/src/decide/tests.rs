@@ -309,6 +309,53 @@ fn epoch_tracks_the_last_relevant_change() {
     assert_eq!(v.epoch, i + 2);
 }
 
+fn gateway(pop: &str, addr: &str) -> pb::Command {
+    cmd(pb::command::Kind::SetPopGateway(pb::SetPopGateway {
+        pop: pop.into(),
+        gateway_addr: addr.into(),
+    }))
+}
+
+#[test]
+fn peers_are_the_gateways_of_pops_in_tiers() {
+    let (mut s, i) = world();
+    let next = run(
+        &mut s,
+        i,
+        &[
+            gateway("a", "10.0.0.1:7443"),
+            gateway("b", "10.0.0.2:7443"),
+            gateway("e", "10.0.0.5:7443"),
+        ],
+    );
+    let v = decide(&s, "a");
+    let peers: Vec<(String, String)> = v
+        .peers
+        .iter()
+        .map(|p| (p.pop.clone(), p.gateway_addr.clone()))
+        .collect();
+    // Not a itself; only POPs with a gateway; sorted by name.
+    assert_eq!(
+        peers,
+        vec![
+            ("b".to_string(), "10.0.0.2:7443".to_string()),
+            ("e".to_string(), "10.0.0.5:7443".to_string()),
+        ]
+    );
+    assert_eq!(v.epoch, next - 1, "e's gateway was the last input");
+    // A moved gateway moves the views that route to it.
+    run(&mut s, next, &[gateway("e", "10.0.0.55:7443")]);
+    let v2 = decide(&s, "a");
+    assert_eq!(v2.epoch, next);
+    assert!(v2
+        .peers
+        .iter()
+        .any(|p| p.pop == "e" && p.gateway_addr == "10.0.0.55:7443"));
+    // An offline POP is in no tier, so not a peer either.
+    run(&mut s, next + 1, &[live("b", PopLiveness::Offline)]);
+    assert!(decide(&s, "a").peers.iter().all(|p| p.pop != "b"));
+}
+
 // ---------------------------------------------------------------- properties
 
 const POPS: [&str; 5] = ["p0", "p1", "p2", "p3", "p4"];

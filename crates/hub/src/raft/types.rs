@@ -40,6 +40,7 @@ impl fmt::Display for RaftCommand {
             Some(Kind::EndFailbackDamping(_)) => "end_failback_damping",
             Some(Kind::ReportRtt(_)) => "report_rtt",
             Some(Kind::SetHubUplink(_)) => "set_hub_uplink",
+            Some(Kind::SetPopGateway(_)) => "set_pop_gateway",
         };
         write!(f, "Command({kind})")
     }

@@ -100,6 +100,7 @@ impl State {
             Kind::SetPopLiveness(c) => self.set_pop_liveness(index, c),
             Kind::EndFailbackDamping(c) => self.end_failback_damping(index, c),
             Kind::ReportRtt(c) => self.report_rtt(index, c),
+            Kind::SetPopGateway(c) => self.set_pop_gateway(index, c),
             Kind::SetHubUplink(c) => match &c.uplink {
                 Some(u) if u.node > 0 && !u.addr.is_empty() => {
                     self.hub_uplinks.insert(u.node, u.addr.clone());
@@ -168,6 +169,9 @@ impl State {
             Some(old) => {
                 record.created_index = old.created_index;
                 record.created_at_ms = old.created_at_ms;
+                // The gateway address is the agent's to set (SetPopGateway):
+                // an operator's edit of labels or range keeps it.
+                record.gateway_addr = old.gateway_addr.clone();
             }
             None => {
                 record.created_index = index;
@@ -288,6 +292,53 @@ impl State {
         let mut p = p.clone();
         p.updated_index = index;
         self.policies.insert(key, p);
+        result_ok(index)
+    }
+}
+
+/// Whether `addr` can be a gateway tunnel address: `host:port` with a
+/// numeric port, at most [`MAX_GATEWAY_ADDR_LEN`] bytes, no whitespace.
+///
+/// [`MAX_GATEWAY_ADDR_LEN`]: switchyard_proto::uplink::MAX_GATEWAY_ADDR_LEN
+pub fn valid_gateway_addr(addr: &str) -> bool {
+    if addr.is_empty()
+        || addr.len() > switchyard_proto::uplink::MAX_GATEWAY_ADDR_LEN
+        || addr.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return false;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+impl State {
+    /// `SetPopGateway`: records the POP's gateway address; the same address
+    /// again is a no-op (no index moves, so no view changes).
+    fn set_pop_gateway(&mut self, index: u64, c: &pb::SetPopGateway) -> pb::CommandResult {
+        if !valid_gateway_addr(&c.gateway_addr) {
+            return result_err(
+                index,
+                ErrorCode::Invalid,
+                format!(
+                    "gateway address {:?} is not host:port",
+                    c.gateway_addr.chars().take(64).collect::<String>()
+                ),
+            );
+        }
+        let Some(pop) = self.pops.get_mut(&c.pop) else {
+            return result_err(
+                index,
+                ErrorCode::NotFound,
+                format!("no POP named {}", c.pop),
+            );
+        };
+        if pop.gateway_addr != c.gateway_addr {
+            pop.gateway_addr = c.gateway_addr.clone();
+            // Peers' views carry it: their epochs read this index.
+            pop.updated_index = index;
+        }
         result_ok(index)
     }
 }

@@ -12,7 +12,7 @@ mod rtt;
 pub(crate) mod testkit;
 mod vip;
 
-pub use apply::{result_err, result_ok, valid_name};
+pub use apply::{result_err, result_ok, valid_gateway_addr, valid_name};
 pub use exports::DEFAULT_FAILBACK_AFTER_MS;
 pub use rtt::{rtt_bucket, rtt_bucket_floor_us};
 pub use vip::{Cidr, DEV_VIP_BASE, DEV_VIP_PREFIX};

@@ -72,6 +72,22 @@ pub fn sign_pop_csr(
         .map_err(|e| SignError::Csr(e.to_string()))
 }
 
+/// Signs `csr_pem` for gateway `instance` of `pop`
+/// (`spiffe://D/pop/<pop>/gw/<instance>`) with the replicated CA. The CSR
+/// must ask for exactly that identity (or none).
+pub fn sign_gateway_csr(
+    ca: &CertificateAuthority,
+    pop: &str,
+    instance: &str,
+    csr_pem: &str,
+    validity: Duration,
+) -> Result<String, SignError> {
+    let id = SpiffeId::gateway(ca.domain(), pop, instance)
+        .map_err(|e| SignError::Identity(e.to_string()))?;
+    ca.sign_csr(csr_pem, &id, validity)
+        .map_err(|e| SignError::Csr(e.to_string()))
+}
+
 /// The Enrolment service of one hub node.
 #[derive(Debug, Clone)]
 pub struct EnrolmentService {

@@ -62,7 +62,7 @@ use tokio::{
 };
 
 use super::{
-    enrol::{federation_ca, sign_pop_csr},
+    enrol::{federation_ca, sign_gateway_csr, sign_pop_csr},
     CloseReason, HubEvent, HubSession, HubSessionConfig, Liveness,
 };
 use crate::{metrics, node::Hub, server::admin::now_ms};
@@ -806,7 +806,9 @@ impl Driver {
             HubEvent::CsrReceived {
                 request_id,
                 csr_pem,
-            } => self.renew(request_id, &csr_pem),
+                gateway_instance,
+            } => self.renew(request_id, &csr_pem, &gateway_instance),
+            HubEvent::GatewayAddr { pop, gateway_addr } => self.record_gateway(pop, gateway_addr),
             HubEvent::RttReport { pop, samples } => self.report_rtt(pop, samples),
             HubEvent::Closed(reason) => {
                 let (label, code, text): (&'static str, _, &'static str) = match &reason {
@@ -848,7 +850,55 @@ impl Driver {
         }
     }
 
-    fn renew(&mut self, request_id: u64, csr_pem: &str) {
+    /// Commits the POP's gateway address when its record differs (the POP
+    /// comes from the certificate, through the session). Retried a few
+    /// times while no quorum answers; the agent announces it again on its
+    /// next connection anyway.
+    fn record_gateway(&mut self, pop: String, gateway_addr: String) {
+        let current = self
+            .shared
+            .hub
+            .local(|s| s.pops.get(&pop).map(|p| p.gateway_addr.clone()));
+        if current.as_deref() == Some(gateway_addr.as_str()) {
+            return;
+        }
+        let hub = self.shared.hub.clone();
+        tokio::spawn(async move {
+            let mut backoff = MIN_LIVENESS_RETRY;
+            for _ in 0..MAX_LIVENESS_ATTEMPTS {
+                let r = hub
+                    .propose(pb::Command {
+                        kind: Some(Kind::SetPopGateway(pb::SetPopGateway {
+                            pop: pop.clone(),
+                            gateway_addr: gateway_addr.clone(),
+                        })),
+                    })
+                    .await;
+                match r {
+                    Ok(r) if r.error == ErrorCode::None as i32 => {
+                        tracing::info!(pop, gateway_addr, "POP gateway address recorded");
+                        return;
+                    }
+                    Ok(r) => {
+                        tracing::warn!(
+                            pop,
+                            gateway_addr,
+                            message = r.message,
+                            "POP gateway address refused"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(pop, error = %e, "gateway address not acknowledged; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_LIVENESS_RETRY);
+                    }
+                }
+            }
+        });
+    }
+
+    fn renew(&mut self, request_id: u64, csr_pem: &str, gateway_instance: &str) {
         let hub = &self.shared.hub;
         if hub.local(|s| s.is_revoked(pb::RevocationKind::Pop, &self.pop)) {
             metrics::rejected("pop_revoked");
@@ -856,17 +906,27 @@ impl Driver {
                 .certificate_refused(request_id, "POP is revoked".into());
             return;
         }
+        let validity = self.shared.options.pop_cert_validity;
         let signed = federation_ca(hub).and_then(|ca| {
-            sign_pop_csr(
-                &ca,
-                &self.pop,
-                csr_pem,
-                self.shared.options.pop_cert_validity,
-            )
+            if gateway_instance.is_empty() {
+                sign_pop_csr(&ca, &self.pop, csr_pem, validity)
+            } else {
+                // Only a gateway of the caller's own POP: the POP comes from
+                // the connection's certificate, never from the request.
+                sign_gateway_csr(&ca, &self.pop, gateway_instance, csr_pem, validity)
+            }
         });
         match signed {
             Ok(cert) => {
-                tracing::info!(pop = self.pop, "POP certificate renewed");
+                if gateway_instance.is_empty() {
+                    tracing::info!(pop = self.pop, "POP certificate renewed");
+                } else {
+                    tracing::info!(
+                        pop = self.pop,
+                        gateway_instance,
+                        "gateway certificate issued"
+                    );
+                }
                 self.session.certificate_issued(request_id, cert);
             }
             Err(e) => {

@@ -154,7 +154,8 @@ pub enum HubEvent {
         /// Why.
         reason: pb::ViewRefusal,
     },
-    /// Sign this CSR for the session's POP, then call
+    /// Sign this CSR for the session's POP (or, with `gateway_instance`,
+    /// for that gateway of the session's POP), then call
     /// [`HubSession::certificate_issued`] or
     /// [`HubSession::certificate_refused`].
     CsrReceived {
@@ -162,6 +163,19 @@ pub enum HubEvent {
         request_id: u64,
         /// PKCS#10, PEM (size-checked, not parsed).
         csr_pem: String,
+        /// Empty: the POP's own certificate. Otherwise a gateway instance
+        /// name (a DNS label, checked): sign
+        /// `spiffe://D/pop/<session's POP>/gw/<instance>`.
+        gateway_instance: String,
+    },
+    /// The agent announced where its POP's gateway takes QUIC tunnels (in
+    /// Hello or later): record it (`SetPopGateway`) if the POP's record
+    /// differs. Checked to be `host:port` within the size limit.
+    GatewayAddr {
+        /// The POP, from its certificate.
+        pop: String,
+        /// `host:port`.
+        gateway_addr: String,
     },
     /// RTTs measured by the POP's gateways (`ReportRtt` commands, after
     /// the shell's own rate limiting).
@@ -394,6 +408,7 @@ impl HubSession {
                 Ok(())
             }
             (_, FrameKind::CsrRequest(c)) => self.on_csr(c),
+            (_, FrameKind::GatewayAnnounce(g)) => self.on_gateway_addr(g.gateway_addr),
             // Hub-to-agent kinds were refused by check_frame.
             (_, other) => Err(UplinkError::WrongDirection(wire::kind_name(&other))),
         };
@@ -672,6 +687,7 @@ impl HubSession {
         if h.agent_version.len() > wire::MAX_VERSION_LEN {
             return Err(UplinkError::Limit("agent_version too long".into()));
         }
+        check_gateway_addr(&h.gateway_addr)?;
         self.phase = Phase::Established;
         self.floor = h.last_applied_epoch;
         let mut detector_config = self.config.detector.clone();
@@ -701,6 +717,19 @@ impl HubSession {
             session_id: self.session_id,
             state: Liveness::Online,
         });
+        self.on_gateway_addr(h.gateway_addr)
+    }
+
+    fn on_gateway_addr(&mut self, gateway_addr: String) -> Result<(), UplinkError> {
+        check_gateway_addr(&gateway_addr)?;
+        // Empty: no gateway (yet); the record keeps what it has, so an agent
+        // restarting before its separate gateway registers changes nothing.
+        if !gateway_addr.is_empty() {
+            self.events.push_back(HubEvent::GatewayAddr {
+                pop: self.pop.clone(),
+                gateway_addr,
+            });
+        }
         Ok(())
     }
 
@@ -843,10 +872,16 @@ impl HubSession {
                 why: "one CSR at a time",
             });
         }
+        if !c.gateway_instance.is_empty() && !crate::state::valid_name(&c.gateway_instance) {
+            return Err(UplinkError::Invalid(
+                "gateway instance is not a DNS label".into(),
+            ));
+        }
         self.csr_pending = Some(c.request_id);
         self.events.push_back(HubEvent::CsrReceived {
             request_id: c.request_id,
             csr_pem: c.csr_pem,
+            gateway_instance: c.gateway_instance,
         });
         Ok(())
     }
@@ -934,6 +969,19 @@ impl HubSession {
         self.events
             .push_back(HubEvent::Closed(CloseReason::Protocol(e)));
     }
+}
+
+/// An announced gateway address: empty, or `host:port` within the limit.
+fn check_gateway_addr(addr: &str) -> Result<(), UplinkError> {
+    if addr.len() > wire::MAX_GATEWAY_ADDR_LEN {
+        return Err(UplinkError::Limit("gateway address too long".into()));
+    }
+    if !addr.is_empty() && !crate::state::valid_gateway_addr(addr) {
+        return Err(UplinkError::Invalid(
+            "gateway address is not host:port".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether services are sorted by key with no key twice.

@@ -798,6 +798,7 @@ fn csr_round_trip_one_at_a_time() {
         frame(Kind::CsrRequest(pb::CsrRequest {
             request_id: id,
             csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            gateway_instance: String::new(),
         }))
     };
     s.handle_frame(t0, csr(1));
@@ -882,4 +883,91 @@ proptest! {
             frames(&mut s);
         }
     }
+}
+
+// ----- gateways ---------------------------------------------------------------
+
+#[test]
+fn gateway_address_from_hello_and_announce_names_the_certificate_pop() {
+    let t0 = Instant::now();
+    let mut s = HubSession::new(config(), POP.into(), 7, 0, t0);
+    let mut h = hello(0);
+    if let Some(Kind::Hello(h)) = &mut h.kind {
+        h.gateway_addr = "10.0.0.1:7443".into();
+    }
+    s.handle_frame(t0, h);
+    let ev = events(&mut s);
+    assert!(ev.contains(&HubEvent::GatewayAddr {
+        pop: POP.into(),
+        gateway_addr: "10.0.0.1:7443".into()
+    }));
+    // Empty: nothing to record.
+    s.handle_frame(
+        t0,
+        frame(Kind::GatewayAnnounce(pb::GatewayAnnounce {
+            gateway_addr: String::new(),
+        })),
+    );
+    assert!(events(&mut s).is_empty());
+    s.handle_frame(
+        t0,
+        frame(Kind::GatewayAnnounce(pb::GatewayAnnounce {
+            gateway_addr: "10.0.0.2:7443".into(),
+        })),
+    );
+    assert_eq!(
+        events(&mut s),
+        vec![HubEvent::GatewayAddr {
+            pop: POP.into(),
+            gateway_addr: "10.0.0.2:7443".into()
+        }]
+    );
+    // Too long: a limit error closes the stream.
+    s.handle_frame(
+        t0,
+        frame(Kind::GatewayAnnounce(pb::GatewayAnnounce {
+            gateway_addr: format!("{}:1", "a".repeat(300)),
+        })),
+    );
+    assert_eq!(
+        error_code(&frames(&mut s)),
+        Some(pb::UplinkErrorCode::Limit)
+    );
+}
+
+#[test]
+fn gateway_csr_carries_a_checked_instance() {
+    let t0 = Instant::now();
+    let mut s = established(t0, 0);
+    s.handle_frame(
+        t0,
+        frame(Kind::CsrRequest(pb::CsrRequest {
+            request_id: 1,
+            csr_pem: "CSR".into(),
+            gateway_instance: "gw0".into(),
+        })),
+    );
+    assert_eq!(
+        events(&mut s),
+        vec![HubEvent::CsrReceived {
+            request_id: 1,
+            csr_pem: "CSR".into(),
+            gateway_instance: "gw0".into()
+        }]
+    );
+    s.certificate_issued(1, "CERT".into());
+    frames(&mut s);
+    // Not a DNS label: protocol error.
+    s.handle_frame(
+        t0,
+        frame(Kind::CsrRequest(pb::CsrRequest {
+            request_id: 2,
+            csr_pem: "CSR".into(),
+            gateway_instance: "GW/../x".into(),
+        })),
+    );
+    assert_eq!(
+        error_code(&frames(&mut s)),
+        Some(pb::UplinkErrorCode::Protocol)
+    );
 }

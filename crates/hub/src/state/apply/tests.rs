@@ -190,3 +190,65 @@ proptest! {
         prop_assert!(wins.values().all(|w| *w <= 1));
     }
 }
+
+fn set_gateway(pop: &str, addr: &str) -> pb::Command {
+    cmd(Kind::SetPopGateway(pb::SetPopGateway {
+        pop: pop.into(),
+        gateway_addr: addr.into(),
+    }))
+}
+
+#[test]
+fn pop_gateway_is_recorded_kept_by_upserts_and_moves_the_index_only_on_change() {
+    let mut s = State::default();
+    s.apply(1, &init());
+    assert_eq!(code(&s.apply(2, &upsert("fra", false))), ErrorCode::None);
+    assert_eq!(
+        code(&s.apply(3, &set_gateway("fra", "10.0.0.1:7443"))),
+        ErrorCode::None
+    );
+    assert_eq!(s.pops["fra"].gateway_addr, "10.0.0.1:7443");
+    assert_eq!(s.pops["fra"].updated_index, 3);
+    // The same address again commits nothing a view would see.
+    assert_eq!(
+        code(&s.apply(4, &set_gateway("fra", "10.0.0.1:7443"))),
+        ErrorCode::None
+    );
+    assert_eq!(s.pops["fra"].updated_index, 3);
+    // An operator's upsert (labels) keeps the agent's address.
+    assert_eq!(code(&s.apply(5, &upsert("fra", false))), ErrorCode::None);
+    assert_eq!(s.pops["fra"].gateway_addr, "10.0.0.1:7443");
+    assert_eq!(s.pops["fra"].updated_index, 5);
+    // A move is recorded.
+    s.apply(6, &set_gateway("fra", "[fd00::1]:7443"));
+    assert_eq!(s.pops["fra"].gateway_addr, "[fd00::1]:7443");
+    assert_eq!(s.pops["fra"].updated_index, 6);
+    // Survives a snapshot.
+    let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
+    assert_eq!(back.pops["fra"].gateway_addr, "[fd00::1]:7443");
+}
+
+#[test]
+fn pop_gateway_refusals() {
+    let mut s = State::default();
+    s.apply(1, &init());
+    s.apply(2, &upsert("fra", false));
+    assert_eq!(
+        code(&s.apply(3, &set_gateway("nope", "10.0.0.1:7443"))),
+        ErrorCode::NotFound
+    );
+    for bad in ["", "10.0.0.1", "10.0.0.1:0", ":7443", "a b:1", "h:99999"] {
+        assert_eq!(
+            code(&s.apply(4, &set_gateway("fra", bad))),
+            ErrorCode::Invalid,
+            "{bad:?}"
+        );
+    }
+    let long = format!("{}:1", "a".repeat(300));
+    assert_eq!(
+        code(&s.apply(5, &set_gateway("fra", &long))),
+        ErrorCode::Invalid
+    );
+    assert_eq!(s.pops["fra"].gateway_addr, "");
+    assert_eq!(s.pops["fra"].updated_index, 2);
+}

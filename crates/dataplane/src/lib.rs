@@ -38,7 +38,7 @@
 //!   not read until an attempt succeeded.
 //! - **Tunnels**: one QUIC connection per peer POP gateway, mutual TLS with
 //!   gateway identities (`spiffe://D/pop/<pop>/gw/<instance>`, ALPN
-//!   [`tunnel::ALPN`]); one bi-stream per proxied connection, opened with a
+//!   [`tls::ALPN`]); one bi-stream per proxied connection, opened with a
 //!   small header ([`header`]) naming service and port, answered with one
 //!   status byte once the far gateway connected to its endpoint.
 //! - **Export check** at the receiving gateway: a stream for service S is
@@ -60,9 +60,17 @@
 //!   `switchyard_gateway_local_failovers_total{service}`.
 
 mod config;
+mod copy;
 mod error;
 mod gateway;
+pub mod header;
+pub mod health;
+mod listener;
 mod service;
+mod stats;
+pub mod table;
+pub mod tls;
+mod tunnel;
 
 pub use config::{GatewayConfig, GatewayIdentity, Limits, VipBind, DEFAULT_PROBE_INTERVAL};
 pub use error::GatewayError;

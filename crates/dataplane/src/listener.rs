@@ -1,0 +1,160 @@
+//! VIP listeners and the routing of each accepted client connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::copy::{Copy, End};
+use crate::gateway::Shared;
+use crate::stats::Outcome;
+use crate::table::{plan, Attempt};
+use crate::tunnel::OpenError;
+use crate::ServiceKey;
+
+/// Accepts clients of `service:port` on `listener` until aborted.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    service: ServiceKey,
+    port: u16,
+    cut: watch::Receiver<bool>,
+) {
+    loop {
+        let client = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of descriptors or similar: back off a little rather
+                // than spin; the listener stays.
+                tracing::warn!(service = %service, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        shared
+            .counters
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+            shared
+                .counters
+                .connection(&service, None, Outcome::Overload);
+            continue;
+        };
+        let shared = shared.clone();
+        let service = service.clone();
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            serve_client(&shared, client, &service, port, cut).await;
+            drop(permit);
+        });
+    }
+}
+
+enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(quinn::SendStream, quinn::RecvStream),
+}
+
+async fn serve_client(
+    shared: &Shared,
+    client: TcpStream,
+    service: &ServiceKey,
+    port: u16,
+    cut: watch::Receiver<bool>,
+) {
+    let _ = client.set_nodelay(true);
+    let table = shared.table();
+    let Some(route) = table.services.get(service) else {
+        shared.counters.connection(service, None, Outcome::Failed);
+        return;
+    };
+    let limits = &shared.cfg.limits;
+    let seed = shared.next_seed();
+    let attempts = plan(route, port, seed, limits.max_attempts.max(1), |pop| {
+        shared.peer_usable(pop)
+    });
+    // A down peer skipped up front is a local failover too.
+    let ideal = plan(route, port, seed, 1, |_| true);
+    if ideal.first().map(Attempt::tier) != attempts.first().map(Attempt::tier) {
+        shared.counters.failover(service);
+    }
+    let mut served = None;
+    for (i, attempt) in attempts.iter().enumerate() {
+        if i > 0 {
+            shared.counters.failover(service);
+        }
+        match attempt {
+            Attempt::Local { addr, .. } => {
+                match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        served = Some((attempt.tier(), Upstream::Tcp(s)));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(service = %service, %addr, error = %e, "local endpoint refused")
+                    }
+                    Err(_) => {
+                        tracing::debug!(service = %service, %addr, "local endpoint timed out")
+                    }
+                }
+            }
+            Attempt::Remote { pop, .. } => {
+                let Some(peer) = shared.peer(pop) else {
+                    continue;
+                };
+                match peer.open(service, port, limits.tunnel_open_timeout).await {
+                    Ok((send, recv)) => {
+                        served = Some((attempt.tier(), Upstream::Tunnel(send, recv)));
+                        break;
+                    }
+                    Err(e) => {
+                        if let OpenError::Refused(s) = e {
+                            tracing::debug!(service = %service, peer = %pop, status = ?s, "peer refused stream");
+                        } else {
+                            tracing::debug!(service = %service, peer = %pop, error = ?e, "tunnel attempt failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let Some((tier, upstream)) = served else {
+        shared.counters.connection(service, None, Outcome::Failed);
+        return;
+    };
+    let copy = Copy {
+        buffer: limits.buffer_size,
+        idle: limits.idle_timeout,
+        cut,
+        up: &shared.counters.bytes_up,
+        down: &shared.counters.bytes_down,
+    };
+    let outcome = match upstream {
+        Upstream::Tcp(_) => Outcome::Local,
+        Upstream::Tunnel(..) => Outcome::Remote,
+    };
+    shared.counters.connection(service, Some(tier), outcome);
+    let (end, up, down) = match upstream {
+        Upstream::Tcp(s) => copy.tcp_tcp(client, s).await,
+        Upstream::Tunnel(send, recv) => copy.tcp_quic(client, send, recv).await,
+    };
+    shared.counters.bytes(service, up, down);
+    if let End::Io(e) = end {
+        tracing::debug!(service = %service, error = %e, "connection ended with an error");
+    }
+}
+
+/// Binds one VIP listener.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}

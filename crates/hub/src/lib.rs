@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod uplink;

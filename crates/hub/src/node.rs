@@ -17,6 +17,7 @@ use crate::{
     metrics,
     raft::types::{HubNode, NodeId, Raft, RaftCommand},
     server::channel::tls_channel,
+    sessions::SessionBook,
     state::State,
 };
 
@@ -130,6 +131,7 @@ struct Inner {
     peer_tls: Arc<rustls::ClientConfig>,
     peers: Mutex<BTreeMap<String, Channel>>,
     timeouts: Timeouts,
+    sessions: SessionBook,
 }
 
 impl std::fmt::Debug for Hub {
@@ -158,6 +160,7 @@ impl Hub {
                 peer_tls,
                 peers: Mutex::new(BTreeMap::new()),
                 timeouts,
+                sessions: SessionBook::default(),
             }),
         }
     }
@@ -186,6 +189,11 @@ impl Hub {
             // before the panicking apply; reading it is still sound.
             Err(poisoned) => f(&poisoned.into_inner()),
         }
+    }
+
+    /// The uplink sessions this node holds.
+    pub fn sessions(&self) -> &SessionBook {
+        &self.inner.sessions
     }
 
     /// A channel to another hub node.

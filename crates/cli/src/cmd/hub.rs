@@ -43,7 +43,7 @@ pub struct HubArgs {
     /// Default: the recorded one on restart, else 127.0.0.1:7400.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// HTTP listen address (/healthz, /readyz, /metrics).
+    /// HTTP listen address: the status page (/), /api/status, /healthz, /readyz, /metrics.
     /// Default: the recorded one on restart, else 127.0.0.1:7401.
     #[arg(long)]
     pub http: Option<SocketAddr>,

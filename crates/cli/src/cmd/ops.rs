@@ -230,6 +230,25 @@ fn policy_json(p: &pb::TrafficPolicy) -> Value {
     })
 }
 
+/// The live uplink session of `pop`, if a reachable hub node holds one.
+fn session_of<'a>(r: &'a pb::ListPopsResponse, pop: &str) -> Option<&'a pb::SessionInfo> {
+    r.sessions.iter().find(|s| s.pop == pop)
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A recent time as "0.3s ago" (heartbeats are a fraction of a second
+/// apart, so whole seconds would say nothing).
+fn ms_ago_precise(at_ms: i64) -> String {
+    let d = (now_ms() - at_ms).max(0);
+    format!("{:.1}s ago", d as f64 / 1000.0)
+}
+
 fn ms_ago(at_ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -369,6 +388,12 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                 .await
                 .map_err(err)?
                 .into_inner();
+            if !r.unreachable_nodes.is_empty() {
+                eprintln!(
+                    "note: hub nodes {:?} did not answer; the POPs they hold show no heartbeat",
+                    r.unreachable_nodes
+                );
+            }
             match g.output {
                 output::Format::Json => output::json(&Value::Array(
                     r.pops
@@ -382,12 +407,29 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             v["liveness_index"] = json!(st.liveness_index);
                             v["hub_node"] = json!(holder_node(&st.holder));
                             v["session"] = json!(st.holder);
+                            let sess = session_of(&r, &p.name);
+                            v["connected"] = json!(sess.is_some());
+                            v["agent_version"] = json!(sess.map(|s| s.agent_version.clone()));
+                            v["remote_addr"] = json!(sess.map(|s| s.remote_addr.clone()));
+                            v["last_heartbeat_ms"] = json!(sess
+                                .filter(|s| s.last_heartbeat_ms > 0)
+                                .map(|s| s.last_heartbeat_ms));
                             v
                         })
                         .collect(),
                 )),
                 output::Format::Table => output::table(
-                    &["NAME", "STATE", "HUB", "REGION", "ZONE", "GROUP", "CREATED"],
+                    &[
+                        "NAME",
+                        "STATE",
+                        "HUB",
+                        "HEARTBEAT",
+                        "AGENT",
+                        "REGION",
+                        "ZONE",
+                        "GROUP",
+                        "CREATED",
+                    ],
                     &r.pops
                         .iter()
                         .zip(statuses(&r))
@@ -397,10 +439,14 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                             if st.damped {
                                 state.push_str(" (damped)");
                             }
+                            let sess = session_of(&r, &p.name);
                             vec![
                                 p.name.clone(),
                                 state,
                                 holder_node(&st.holder),
+                                sess.filter(|s| s.last_heartbeat_ms > 0)
+                                    .map_or("-".into(), |s| ms_ago_precise(s.last_heartbeat_ms)),
+                                sess.map_or("-".into(), |s| s.agent_version.clone()),
                                 l.region,
                                 l.zone,
                                 l.group,
@@ -620,19 +666,72 @@ pub async fn policy(g: &Global, c: PolicyCmd) -> Result<()> {
 pub async fn status(g: &Global) -> Result<()> {
     let mut a = client::connect(g.config.as_ref()).await?;
     let addr = a.addr.clone();
+    let err = |s| client::status_err(&addr, s);
     let s = a
         .client
         .status(pb::Empty {})
         .await
-        .map_err(|s| client::status_err(&addr, s))?
+        .map_err(err)?
         .into_inner();
+    // Local reads: the answering node's applied state, like the header.
+    let local = pb::ReadConsistency::Local as i32;
+    let pops = a
+        .client
+        .list_pops(pb::ListPopsRequest { consistency: local })
+        .await
+        .map_err(err)?
+        .into_inner();
+    let services = a
+        .client
+        .list_services(pb::ListServicesRequest { consistency: local })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .services;
     let members: Vec<Value> = s.members.iter().map(super::hub::member_json).collect();
+    let pop_rows: Vec<Value> = pops
+        .pops
+        .iter()
+        .zip(statuses(&pops))
+        .map(|(p, st)| {
+            let sess = session_of(&pops, &p.name);
+            json!({
+                "name": p.name,
+                "labels": labels_json(p.labels.as_ref()),
+                "liveness": liveness_name(st.liveness),
+                "damped": st.damped,
+                "reason": st.reason,
+                "hub_node": holder_node(&st.holder),
+                "agent_version": sess.map(|s| s.agent_version.clone()),
+                "last_heartbeat_ms": sess.filter(|s| s.last_heartbeat_ms > 0).map(|s| s.last_heartbeat_ms),
+            })
+        })
+        .collect();
+    let service_rows: Vec<Value> = services
+        .iter()
+        .map(|g| {
+            let k = g.service.clone().unwrap_or_default();
+            json!({"namespace": k.namespace, "name": k.name, "exported_by": g.pops,
+                   "conflicts": g.conflicts.len()})
+        })
+        .collect();
+    let events: Vec<Value> = s
+        .events
+        .iter()
+        .rev()
+        .map(|e| {
+            json!({"index": e.index, "at_ms": e.at_ms, "pop": e.pop,
+                   "liveness": liveness_name(e.liveness), "damped": e.damped, "reason": e.reason})
+        })
+        .collect();
     match g.output {
         output::Format::Json => output::json(&json!({
             "node_id": s.node_id, "domain": s.domain, "term": s.term, "leader_id": s.leader_id,
             "commit_index": s.commit_index, "applied_index": s.applied_index, "members": members,
             "pops": s.pops, "policies": s.policies, "tokens_open": s.tokens_open,
             "version": s.version, "state": s.state, "answered_by": addr,
+            "pop_list": pop_rows, "services": service_rows, "events": events,
+            "unreachable_nodes": pops.unreachable_nodes,
         })),
         output::Format::Table => {
             println!("federation  {}", s.domain);
@@ -651,12 +750,89 @@ pub async fn status(g: &Global) -> Result<()> {
                 s.commit_index,
                 s.applied_index
             );
+            let online = pop_rows
+                .iter()
+                .filter(|p| p["liveness"] == "online")
+                .count();
             println!(
-                "POPs        {}    policies {}    open tokens {}",
-                s.pops, s.policies, s.tokens_open
+                "POPs        {} ({} online)    services {}    policies {}    open tokens {}",
+                s.pops,
+                online,
+                services.len(),
+                s.policies,
+                s.tokens_open
             );
             println!();
             super::hub::member_table(&s.members);
+            if !pops.pops.is_empty() {
+                println!();
+                output::table(
+                    &["POP", "STATE", "HUB", "HEARTBEAT", "REGION", "ZONE"],
+                    &pops
+                        .pops
+                        .iter()
+                        .zip(statuses(&pops))
+                        .map(|(p, st)| {
+                            let l = p.labels.clone().unwrap_or_default();
+                            let mut state = liveness_name(st.liveness).to_string();
+                            if st.damped {
+                                state.push_str(" (damped)");
+                            }
+                            vec![
+                                p.name.clone(),
+                                state,
+                                holder_node(&st.holder),
+                                session_of(&pops, &p.name)
+                                    .filter(|s| s.last_heartbeat_ms > 0)
+                                    .map_or("-".into(), |s| ms_ago_precise(s.last_heartbeat_ms)),
+                                l.region,
+                                l.zone,
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            if !services.is_empty() {
+                println!();
+                output::table(
+                    &["SERVICE", "EXPORTED BY", "CONFLICTS"],
+                    &services
+                        .iter()
+                        .map(|g| {
+                            let k = g.service.clone().unwrap_or_default();
+                            vec![
+                                format!("{}/{}", k.namespace, k.name),
+                                g.pops.join(","),
+                                g.conflicts.len().to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            if !s.events.is_empty() {
+                println!();
+                println!("recent events (newest first):");
+                for e in s.events.iter().rev().take(10) {
+                    let when = if e.at_ms > 0 {
+                        ms_ago(e.at_ms)
+                    } else {
+                        format!("index {}", e.index)
+                    };
+                    let damped = if e.damped { " (damped)" } else { "" };
+                    println!(
+                        "  {when:>12}  {:<12} {}{damped}: {}",
+                        e.pop,
+                        liveness_name(e.liveness),
+                        e.reason
+                    );
+                }
+            }
+            if !pops.unreachable_nodes.is_empty() {
+                println!(
+                    "\nnote: hub nodes {:?} did not answer; the POPs they hold show no heartbeat",
+                    pops.unreachable_nodes
+                );
+            }
         }
     }
     Ok(())

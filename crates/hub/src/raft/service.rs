@@ -24,6 +24,7 @@ pub const LEADER_ADDR_METADATA: &str = "x-switchyard-leader-addr";
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    sessions: crate::sessions::SessionBook,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -35,7 +36,16 @@ impl std::fmt::Debug for RaftService {
 impl RaftService {
     /// A service over `raft`.
     pub fn new(raft: Raft) -> Self {
-        RaftService { raft }
+        RaftService {
+            raft,
+            sessions: crate::sessions::SessionBook::default(),
+        }
+    }
+
+    /// Answers `LocalSessions` from `book` (the node's uplink sessions).
+    pub fn with_sessions(mut self, book: crate::sessions::SessionBook) -> Self {
+        self.sessions = book;
+        self
     }
 
     /// The tonic server for this service, with message limits large enough
@@ -206,6 +216,15 @@ impl pb::raft_server::Raft for RaftService {
             })?;
         Ok(Response::new(pb::ReadIndexResponse {
             index: linearizer.read_log_id().index(),
+        }))
+    }
+
+    async fn local_sessions(
+        &self,
+        _request: Request<pb::LocalSessionsRequest>,
+    ) -> Result<Response<pb::LocalSessionsResponse>, Status> {
+        Ok(Response::new(pb::LocalSessionsResponse {
+            sessions: self.sessions.list(),
         }))
     }
 }

@@ -188,7 +188,7 @@ impl Admin for AdminService {
         self.authz.require_operator(&req)?;
         let m = self.hub.raft().metrics().borrow_watched().clone();
         let (members, leader) = members(&self.hub);
-        let (domain, pops, policies, tokens_open) = self.hub.local(|s: &State| {
+        let (domain, pops, policies, tokens_open, events) = self.hub.local(|s: &State| {
             (
                 s.federation
                     .as_ref()
@@ -200,6 +200,7 @@ impl Admin for AdminService {
                     .values()
                     .filter(|t| !t.consumed && t.expires_at_ms > now_ms())
                     .count() as u32,
+                s.events.iter().cloned().collect(),
             )
         });
         Ok(Response::new(pb::StatusResponse {
@@ -215,6 +216,7 @@ impl Admin for AdminService {
             tokens_open,
             version: env!("CARGO_PKG_VERSION").to_string(),
             state: format!("{:?}", m.state),
+            events,
         }))
     }
 
@@ -354,10 +356,14 @@ impl Admin for AdminService {
             .as_ref()
             .map(|l| l.index())
             .unwrap_or(0);
+        let (sessions, unreachable_nodes) =
+            super::sessions::gather(&self.hub, super::sessions::GATHER_TIMEOUT).await;
         Ok(Response::new(pb::ListPopsResponse {
             pops,
             applied_index,
             statuses,
+            sessions,
+            unreachable_nodes,
         }))
     }
 

@@ -1,4 +1,5 @@
-//! The node's HTTP listener: `/healthz`, `/readyz`, `/metrics`.
+//! The node's HTTP listener: the status page (`/`, refreshing itself from
+//! `/api/status`), `/healthz`, `/readyz`, `/metrics`.
 
 use axum::{
     extract::State as AxState, http::StatusCode, response::IntoResponse, routing::get, Router,
@@ -6,6 +7,7 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use openraft::async_runtime::watch::WatchReceiver;
 
+use super::{overview, sessions};
 use crate::{metrics, node::Hub};
 
 #[derive(Clone)]
@@ -17,10 +19,46 @@ struct Ctx {
 /// The router for one hub node.
 pub fn router(hub: Hub, prom: Option<PrometheusHandle>) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/api/status", get(api_status))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .with_state(Ctx { hub, prom })
+}
+
+/// The page: static HTML and JavaScript built into the binary.
+async fn status_page() -> impl IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("status.html"),
+    )
+}
+
+/// The federation as this node's applied state shows it, with every
+/// reachable node's uplink sessions.
+async fn api_status(AxState(ctx): AxState<Ctx>) -> impl IntoResponse {
+    let m = ctx.hub.raft().metrics().borrow_watched().clone();
+    let facts = overview::NodeFacts {
+        node: ctx.hub.id(),
+        leader: m.current_leader.unwrap_or(0),
+        term: m.current_term,
+        applied_index: m.last_applied.as_ref().map(|l| l.index()).unwrap_or(0),
+    };
+    let (sessions, unreachable) = sessions::gather(&ctx.hub, sessions::GATHER_TIMEOUT).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let o = ctx
+        .hub
+        .local(|s| overview::build(s, &facts, &sessions, unreachable, now));
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        axum::Json(o),
+    )
 }
 
 /// Ready when a leader is known and this node applied all it knows to be

@@ -5,6 +5,8 @@ pub mod admin;
 pub mod authz;
 pub mod channel;
 pub mod http;
+pub mod overview;
+pub mod sessions;
 pub mod tls_accept;
 
 mod files;
@@ -346,6 +348,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub, StartError> {
     let authz = authz::Authz::new(record.domain.clone());
     let raft_authz = authz.clone();
     let raft_svc = RaftService::new(raft.clone())
+        .with_sessions(hub.sessions().clone())
         .into_server()
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);

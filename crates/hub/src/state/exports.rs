@@ -395,6 +395,15 @@ impl State {
         st.liveness = to as i32;
         st.liveness_index = index;
         st.reason = c.reason.clone();
+        let event = pb::PopEvent {
+            index,
+            at_ms: c.now_ms,
+            pop: c.pop.clone(),
+            liveness: st.liveness,
+            damped: st.damped,
+            reason: c.reason.clone(),
+        };
+        self.record_event(event);
         result_ok(index)
     }
 
@@ -425,7 +434,27 @@ impl State {
         }
         st.damped = false;
         st.liveness_index = index;
+        let event = pb::PopEvent {
+            index,
+            at_ms: c.now_ms,
+            pop: c.pop.clone(),
+            liveness: st.liveness,
+            damped: false,
+            reason: "failback damping ended: back in tiers".to_string(),
+        };
+        self.record_event(event);
         result_ok(index)
+    }
+
+    /// Adds to the bounded event log, kept sorted by log index with the
+    /// lowest dropped first: the log is then the same whatever order
+    /// commands on distinct records were applied in.
+    fn record_event(&mut self, event: pb::PopEvent) {
+        let at = self.events.partition_point(|e| e.index < event.index);
+        self.events.insert(at, event);
+        while self.events.len() > super::EVENT_LOG_LEN {
+            self.events.pop_front();
+        }
     }
 
     /// `ReportRtt`: stored as a bucket, replaced only when the new bucket is

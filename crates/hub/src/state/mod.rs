@@ -17,7 +17,7 @@ pub use exports::DEFAULT_FAILBACK_AFTER_MS;
 pub use rtt::{rtt_bucket, rtt_bucket_floor_us};
 pub use vip::{Cidr, DEV_VIP_BASE, DEV_VIP_PREFIX};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use switchyard_proto::pb;
 
@@ -66,7 +66,13 @@ pub struct State {
     pub tombstone_index: u64,
     /// QUIC uplink address (host:port) of each hub node, by node id.
     pub hub_uplinks: BTreeMap<u64, String>,
+    /// The newest POP liveness events, oldest first (at most
+    /// [`EVENT_LOG_LEN`]): the history the status page shows.
+    pub events: VecDeque<pb::PopEvent>,
 }
+
+/// How many POP liveness events the state keeps.
+pub const EVENT_LOG_LEN: usize = 100;
 
 impl State {
     /// The whole state as one versioned message.
@@ -92,6 +98,7 @@ impl State {
                     addr: addr.clone(),
                 })
                 .collect(),
+            events: self.events.iter().cloned().collect(),
         }
     }
 
@@ -145,6 +152,9 @@ impl State {
         for u in snap.hub_uplinks {
             s.hub_uplinks.insert(u.node, u.addr);
         }
+        let mut events = snap.events;
+        events.sort_by_key(|e| e.index);
+        s.events = events.into_iter().collect();
         Ok(s)
     }
 

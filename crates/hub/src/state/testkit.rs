@@ -135,6 +135,7 @@ pub fn end_damping(s: &State, pop: &str) -> pb::Command {
     cmd(Kind::EndFailbackDamping(pb::EndFailbackDamping {
         pop: pop.into(),
         healthy_since_index: s.pop_status.get(pop).map_or(0, |st| st.healthy_since_index),
+        now_ms: 0,
     }))
 }
 

@@ -461,6 +461,8 @@ struct Driver {
     rtt_next: Instant,
     rtt_busy: Arc<std::sync::atomic::AtomicBool>,
     dropped_datagrams: u64,
+    /// The agent's address as last seen (connection migration changes it).
+    last_remote: SocketAddr,
 }
 
 impl Driver {
@@ -475,6 +477,7 @@ impl Driver {
         let (liveness, liveness_rx) = watch::channel(None);
         let pop = session.pop().to_string();
         let session_id = session.session_id();
+        let last_remote = conn.remote_address();
         tokio::spawn(commit_liveness(
             shared.hub.clone(),
             pop.clone(),
@@ -504,6 +507,7 @@ impl Driver {
             rtt_next: Instant::now(),
             rtt_busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             dropped_datagrams: 0,
+            last_remote,
         }
     }
 
@@ -550,7 +554,10 @@ impl Driver {
                 }
                 d = self.conn.read_datagram(), if self.conn_open => {
                     match d {
-                        Ok(bytes) => self.session.handle_datagram(Instant::now(), &bytes),
+                        Ok(bytes) => {
+                            self.session.handle_datagram(Instant::now(), &bytes);
+                            self.note_alive();
+                        }
                         Err(_) => {
                             self.conn_open = false;
                             self.recv = None;
@@ -760,6 +767,17 @@ impl Driver {
                     Some((_, notify)) => notify.notify_one(),
                     None => ::metrics::gauge!(CONNECTED_POPS).increment(1.0),
                 }
+                self.last_remote = self.conn.remote_address();
+                self.shared.hub.sessions().open(pb::SessionInfo {
+                    pop: self.pop.clone(),
+                    hub_node: self.shared.hub.id(),
+                    session: self.session_label(),
+                    agent_version: agent_version.clone(),
+                    remote_addr: self.last_remote.to_string(),
+                    connected_at_ms: now_ms(),
+                    last_heartbeat_ms: 0,
+                    gateway_addr: String::new(),
+                });
                 tracing::info!(
                     pop = self.pop,
                     session_id = self.session_id,
@@ -837,8 +855,34 @@ impl Driver {
         }
     }
 
+    /// `<hub node>/<session id>`, as in liveness commands.
+    fn session_label(&self) -> String {
+        format!("{}/{:x}", self.shared.hub.id(), self.session_id)
+    }
+
+    /// A datagram arrived: the POP is alive now (for `pop list` and the
+    /// status page), and its address may have moved.
+    fn note_alive(&mut self) {
+        if !self.established {
+            return;
+        }
+        let book = self.shared.hub.sessions();
+        let label = self.session_label();
+        book.heartbeat(&self.pop, &label, now_ms());
+        let remote = self.conn.remote_address();
+        if remote != self.last_remote {
+            tracing::info!(pop = self.pop, from = %self.last_remote, to = %remote, "POP address changed (connection migrated)");
+            self.last_remote = remote;
+            book.migrated(&self.pop, &label, remote.to_string());
+        }
+    }
+
     /// Removes this session from the registry if it is still the newest.
     fn release(&mut self) {
+        self.shared
+            .hub
+            .sessions()
+            .close(&self.pop, &self.session_label());
         if let Ok(mut r) = self.shared.registry.lock() {
             if r.newest
                 .get(&self.pop)
@@ -1083,6 +1127,7 @@ async fn damping_timer(shared: Arc<Shared>) {
                     kind: Some(Kind::EndFailbackDamping(pb::EndFailbackDamping {
                         pop: pop.clone(),
                         healthy_since_index: index,
+                        now_ms: now_ms(),
                     })),
                 })
                 .await;

@@ -336,6 +336,7 @@ fn liveness_and_failback_damping() {
         pb::EndFailbackDamping {
             pop: "a".into(),
             healthy_since_index: i,
+            now_ms: 0,
         },
     ));
     assert_eq!(code(&s.apply(i + 6, &stale)), ErrorCode::Stale);
@@ -535,6 +536,59 @@ fn hub_uplinks_are_recorded_and_survive_snapshots() {
     assert_eq!(s.apply(i + 2, &set(2, "127.0.0.1:7413")).error, 0);
     assert_ne!(s.apply(i + 3, &set(0, "x")).error, 0);
     assert_eq!(s.hub_uplinks[&2], "127.0.0.1:7413");
+    let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn liveness_changes_are_kept_in_a_bounded_event_log() {
+    let (mut s, i) = setup();
+    run(
+        &mut s,
+        i,
+        &[
+            live("a", PopLiveness::Online),
+            live("a", PopLiveness::Online),
+            live("a", PopLiveness::Offline),
+            live("a", PopLiveness::Online),
+        ],
+    );
+    let got: Vec<_> = s
+        .events
+        .iter()
+        .map(|e| (e.index, e.pop.as_str(), e.liveness, e.damped))
+        .collect();
+    // A repeated state is no event; the recovery is damped.
+    assert_eq!(
+        got,
+        vec![
+            (i, "a", PopLiveness::Online as i32, false),
+            (i + 2, "a", PopLiveness::Offline as i32, false),
+            (i + 3, "a", PopLiveness::Online as i32, true),
+        ]
+    );
+    let end = end_damping(&s, "a");
+    run(&mut s, i + 4, &[end]);
+    let last = s.events.back().unwrap();
+    assert_eq!((last.index, last.damped), (i + 4, false));
+    assert!(last.reason.contains("damping"));
+
+    // Bounded: the oldest go first.
+    let mut next = i + 5;
+    for n in 0..super::super::EVENT_LOG_LEN {
+        let to = if n % 2 == 0 {
+            PopLiveness::Suspect
+        } else {
+            PopLiveness::Online
+        };
+        run(&mut s, next, &[live("a", to)]);
+        next += 1;
+    }
+    assert_eq!(s.events.len(), super::super::EVENT_LOG_LEN);
+    assert_eq!(s.events.front().unwrap().index, i + 5);
+    assert_eq!(s.events.back().unwrap().index, next - 1);
+
+    // Part of the snapshot.
     let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
     assert_eq!(back, s);
 }

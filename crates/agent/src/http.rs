@@ -348,6 +348,10 @@ pub fn view_json(v: &pb::PopView) -> Value {
         "pop": v.pop,
         "epoch": v.epoch,
         "services": v.services.iter().map(service_json).collect::<Vec<_>>(),
+        "peers": v.peers.iter().map(|p| json!({
+            "pop": p.pop,
+            "gateway_addr": p.gateway_addr,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -93,7 +93,23 @@ pub fn decide(state: &State, pop: &str) -> pb::PopView {
             epoch = epoch.max(v.allocated_index);
         }
         let members = members(state, me, key, &mut epoch);
-        let view = service_view(svc, policy, vip, &members, me);
+        let mut view = service_view(svc, policy, vip, &members, me);
+        if !export_to.is_empty()
+            && state
+                .exports
+                .contains_key(&(key.0.clone(), key.1.clone(), pop.to_string()))
+        {
+            // This POP's gateway must refuse tunnel streams from POPs the
+            // policy does not export to: it gets the resolved list. Any
+            // POP's record may enter or leave it, so all count.
+            view.import_restricted = true;
+            for p in state.pops.values() {
+                epoch = epoch.max(p.updated_index);
+                if export_to.iter().any(|s| selector_matches(s, p)) {
+                    view.importers.push(p.name.clone());
+                }
+            }
+        }
         services.push(view);
     }
     let peers = peers(state, pop, &services, &mut epoch);
@@ -287,6 +303,9 @@ fn service_view(
         stale_drop_after_ms: policy.map_or(0, |p| p.stale_drop_after_ms),
         mode: mode as i32,
         per_pop_names: policy.is_some_and(|p| p.per_pop_names),
+        // Filled by `decide` for exporters of restricted services.
+        import_restricted: false,
+        importers: Vec::new(),
     }
 }
 

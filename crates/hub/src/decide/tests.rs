@@ -309,6 +309,37 @@ fn epoch_tracks_the_last_relevant_change() {
     assert_eq!(v.epoch, i + 2);
 }
 
+#[test]
+fn exporters_of_a_restricted_service_get_its_importers() {
+    let (mut s, i) = world();
+    let next = run(
+        &mut s,
+        i,
+        &[policy(pb::TrafficPolicy {
+            service: Some(key("shop", "web")),
+            export_to: vec![by_label("region", "r1"), by_name("f")],
+            ..Default::default()
+        })],
+    );
+    // b exports web and may import it: it learns who else may.
+    let v = decide(&s, "b");
+    let web = &v.services[0];
+    assert!(web.import_restricted);
+    assert_eq!(web.importers, vec!["a", "b", "c", "d", "f"]);
+    // Unrestricted services carry no list.
+    run(
+        &mut s,
+        next,
+        &[policy(pb::TrafficPolicy {
+            service: Some(key("shop", "web")),
+            ..Default::default()
+        })],
+    );
+    let web = &decide(&s, "b").services[0];
+    assert!(!web.import_restricted);
+    assert!(web.importers.is_empty());
+}
+
 fn gateway(pop: &str, addr: &str) -> pb::Command {
     cmd(pb::command::Kind::SetPopGateway(pb::SetPopGateway {
         pop: pop.into(),

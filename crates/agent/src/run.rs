@@ -93,6 +93,10 @@ pub struct AgentConfig {
     /// view stream, gateway certificates, RTT reports. `None`: not served.
     /// Meant for loopback: see [`crate::local_api`].
     pub gateway_api: Option<SocketAddr>,
+    /// DNS listen address (UDP and TCP) for the POP zone
+    /// `clusterset.local.` built from the served view; port 0 picks a free
+    /// port; `None`: no DNS.
+    pub dns: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -117,6 +121,7 @@ impl Default for AgentConfig {
             idle_timeout: Duration::from_secs(3),
             renewal_retry: Duration::from_secs(60),
             gateway_api: None,
+            dns: None,
         }
     }
 }
@@ -147,6 +152,14 @@ pub enum AgentError {
         /// The cause.
         reason: String,
     },
+    /// The DNS listener could not bind.
+    #[error("cannot serve DNS on {addr}: {source}")]
+    Dns {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The HTTP listener could not bind.
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
@@ -172,6 +185,9 @@ pub struct RunningAgent {
     pub gateway: GatewaySupport,
     /// The bound address of the local gateway API, if served.
     pub gateway_api_addr: Option<SocketAddr>,
+    /// The bound DNS address (UDP and TCP), if served.
+    pub dns_addr: Option<SocketAddr>,
+    dns: Option<switchyard_dns::DnsServer>,
     shutdown: watch::Sender<bool>,
     uplink: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -185,6 +201,9 @@ impl RunningAgent {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.uplink).await;
         for t in self.tasks {
             t.abort();
+        }
+        if let Some(dns) = self.dns {
+            dns.shutdown();
         }
     }
 }
@@ -279,6 +298,31 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         None => None,
     };
 
+    let dns = match cfg.dns {
+        Some(addr) => {
+            let (tables, task) = switchyard_dns::server::follow(status.subscribe_view(), |held| {
+                let view = held.as_ref().map(|h| &h.view);
+                match switchyard_dns::zone::build(view) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the DNS zone; serving the previous one");
+                        None
+                    }
+                }
+            });
+            tasks.push(task);
+            let dns_cfg = switchyard_dns::DnsConfig {
+                listen: addr,
+                ..Default::default()
+            };
+            let server = switchyard_dns::DnsServer::bind(dns_cfg, tables)
+                .await
+                .map_err(|source| AgentError::Dns { addr, source })?;
+            Some(server)
+        }
+        None => None,
+    };
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shell = Shell {
         cfg: cfg.clone(),
@@ -299,6 +343,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         record,
         gateway,
         gateway_api_addr,
+        dns_addr: dns.as_ref().map(|d| d.local_addr()),
+        dns,
         shutdown,
         uplink,
         tasks,

@@ -6,6 +6,7 @@
 //! - [`store`]: durable log and snapshots in redb, behind a crashable backend.
 
 pub mod decide;
+pub mod global_dns;
 pub mod metrics;
 pub mod node;
 pub mod raft;

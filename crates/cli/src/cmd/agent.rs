@@ -52,6 +52,12 @@ pub struct AgentArgs {
     /// serving (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Serve DNS (UDP and TCP) for `clusterset.local.` on this address,
+    /// e.g. 127.0.0.1:53: MCS names built from this POP's view (see
+    /// docs/dns.md). Port 0 picks a free port (written to --ready-file as
+    /// "dns"). Off by default.
+    #[arg(long)]
+    pub dns: Option<SocketAddr>,
 }
 
 pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
@@ -74,18 +80,22 @@ pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
         http: a.http,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         first_export_grace: a.first_export_grace,
+        dns: a.dns,
         ..AgentConfig::default()
     };
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("cannot create data dir {}", a.data_dir.display()))?;
     let running = agent::start(cfg).await.context("agent failed to start")?;
-    let info = serde_json::json!({
+    let mut info = serde_json::json!({
         "pop": running.record.pop,
         "domain": running.record.domain,
         "http": running.http_addr.to_string(),
         "uplink": running.record.hub_quic,
         "pid": std::process::id(),
     });
+    if let (Some(addr), Some(m)) = (running.dns_addr, info.as_object_mut()) {
+        m.insert("dns".into(), serde_json::json!(addr.to_string()));
+    }
     if let Some(p) = &a.ready_file {
         std::fs::write(p, info.to_string())
             .with_context(|| format!("cannot write {}", p.display()))?;

@@ -69,6 +69,16 @@ pub struct HubArgs {
     /// Write the bound addresses as JSON to this file once serving (for scripts).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Serve the global DNS zone (UDP and TCP) on this address: gateway
+    /// addresses of healthy POPs, ordered for the client's POP (see
+    /// docs/dns.md). Port 0 picks a free port (written to --ready-file as
+    /// "dns"). Needs --global-zone.
+    #[arg(long, requires = "global_zone")]
+    pub dns: Option<SocketAddr>,
+    /// The global zone, e.g. `global.example.com.`: `<svc>.<ns>.<zone>`
+    /// answers with POP gateway addresses.
+    #[arg(long, requires = "dns")]
+    pub global_zone: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,13 +151,30 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
     let running = server::start(cfg)
         .await
         .context("hub node failed to start")?;
-    let info = serde_json::json!({
+    let global_dns = match (a.dns, &a.global_zone) {
+        (Some(listen), Some(zone)) => Some(
+            switchyard_hub::global_dns::start(
+                running.hub.clone(),
+                switchyard_hub::global_dns::GlobalDnsConfig {
+                    zone: zone.clone(),
+                    listen,
+                },
+            )
+            .await
+            .context("global DNS zone failed to start")?,
+        ),
+        _ => None,
+    };
+    let mut info = serde_json::json!({
         "node_id": running.hub.id(),
         "grpc": running.grpc_addr.to_string(),
         "http": running.http_addr.to_string(),
         "uplink": running.uplink_addr.to_string(),
         "pid": std::process::id(),
     });
+    if let (Some(d), Some(m)) = (&global_dns, info.as_object_mut()) {
+        m.insert("dns".into(), serde_json::json!(d.local_addr().to_string()));
+    }
     if let Some(p) = &a.ready_file {
         std::fs::write(p, info.to_string())
             .with_context(|| format!("cannot write {}", p.display()))?;
@@ -167,6 +194,9 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
     }
     wait_for_signal().await;
     eprintln!("stopping hub node {}", running.hub.id());
+    if let Some(d) = global_dns {
+        d.shutdown();
+    }
     running.shutdown().await;
     Ok(())
 }

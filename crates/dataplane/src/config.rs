@@ -115,7 +115,7 @@ pub struct Limits {
     /// Consecutive answered probes before a down peer is up again
     /// (default 2).
     pub probe_rise: u32,
-    /// Lower bound of the per-probe timeout (default 50 ms); the timeout is
+    /// Lower bound of the per-probe timeout (default 100 ms); the timeout is
     /// `max(3 x smoothed RTT, this)`.
     pub probe_timeout_floor: Duration,
     /// How long listeners that left the view keep their connections before
@@ -135,7 +135,7 @@ impl Default for Limits {
             buffer_size: 64 * 1024,
             probe_fall: 3,
             probe_rise: 2,
-            probe_timeout_floor: Duration::from_millis(50),
+            probe_timeout_floor: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(30),
         }
     }

@@ -67,6 +67,8 @@ pub struct ProbeState {
     misses: u32,
     answers: u32,
     window: VecDeque<bool>,
+    /// Connected, first answer pending.
+    fresh: bool,
 }
 
 impl ProbeState {
@@ -82,6 +84,7 @@ impl ProbeState {
             misses: 0,
             answers: 0,
             window: VecDeque::new(),
+            fresh: false,
         }
     }
 
@@ -104,9 +107,13 @@ impl ProbeState {
         (lost * 1000 / self.window.len()) as u32
     }
 
-    /// A tunnel handshake completed: the peer is alive now.
+    /// A tunnel handshake completed. The peer is up at its first answer:
+    /// with TLS 1.3 the dialler finishes its handshake before the peer has
+    /// checked the dialler's certificate, so only an answer proves the
+    /// peer accepted us.
     pub fn on_connected(&mut self) {
-        self.up = true;
+        self.up = false;
+        self.fresh = true;
         self.misses = 0;
         self.answers = 0;
         self.outstanding.clear();
@@ -115,6 +122,7 @@ impl ProbeState {
     /// The tunnel failed (stream error, connection lost): down at once.
     pub fn mark_down(&mut self) {
         self.up = false;
+        self.fresh = false;
         self.answers = 0;
     }
 
@@ -173,7 +181,8 @@ impl ProbeState {
         self.record(true);
         self.misses = 0;
         self.answers = self.answers.saturating_add(1);
-        if !self.up && self.answers >= self.params.rise {
+        if !self.up && (self.fresh || self.answers >= self.params.rise) {
+            self.fresh = false;
             self.up = true;
         }
     }
@@ -245,9 +254,10 @@ mod tests {
         let mut s = ProbeState::new(params());
         assert!(!s.is_up());
         s.on_connected();
-        assert!(s.is_up());
+        assert!(!s.is_up(), "up only at the first answer");
         let seq = s.send_probe(t0);
         s.on_pong(seq, t0 + Duration::from_millis(1));
+        assert!(s.is_up());
         assert_eq!(s.srtt(), Some(Duration::from_millis(1)));
         assert_eq!(s.probe_timeout(), Duration::from_millis(50), "floor");
         let mut t = t0;

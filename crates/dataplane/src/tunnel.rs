@@ -156,15 +156,22 @@ pub async fn run_peer(shared: Arc<Shared>, peer: Arc<Peer>) {
     loop {
         match dial(&shared, &peer).await {
             Ok(conn) => {
-                backoff = Duration::from_millis(50);
                 *lock(&peer.conn) = Some(conn.clone());
                 peer.with_health(ProbeState::on_connected);
-                tracing::info!(peer = %peer.pop, addr = %peer.addr, "tunnel up");
-                probe(&peer, &conn).await;
+                tracing::info!(peer = %peer.pop, addr = %peer.addr, "tunnel connected");
+                let was_up = probe(&peer, &conn).await;
                 lock(&peer.conn).take();
                 peer.mark_down();
                 conn.close(VarInt::from_u32(CLOSE_BYE), b"redial");
                 tracing::info!(peer = %peer.pop, "tunnel down");
+                if was_up {
+                    backoff = Duration::from_millis(50);
+                } else {
+                    // Connected but never answered (e.g. it refused our
+                    // certificate): back off like a failed dial.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
             Err(e) => {
                 peer.mark_down();
@@ -200,10 +207,12 @@ async fn dial(shared: &Shared, peer: &Peer) -> Result<quinn::Connection, String>
     Ok(conn)
 }
 
-/// Probes over `conn` until it dies or the peer stays down too long.
-async fn probe(peer: &Peer, conn: &quinn::Connection) {
+/// Probes over `conn` until it dies or the peer stays down too long;
+/// returns whether the peer was ever up on it.
+async fn probe(peer: &Peer, conn: &quinn::Connection) -> bool {
     let mut next_probe = Instant::now();
     let mut down_since: Option<Instant> = None;
+    let mut was_up = false;
     loop {
         let deadline = peer.with_health(|h| h.next_deadline());
         let wake = deadline.map_or(next_probe, |d| d.min(next_probe));
@@ -236,15 +245,16 @@ async fn probe(peer: &Peer, conn: &quinn::Connection) {
                     }
                     _ => {}
                 },
-                Err(_) => return,
+                Err(_) => return was_up,
             },
         }
         if peer.is_up() {
+            was_up = true;
             down_since = None;
         } else {
             let since = *down_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= REDIAL_AFTER_DOWN {
-                return;
+                return was_up;
             }
         }
     }

@@ -252,7 +252,7 @@ async fn run_pops(
     let mut admin = client::connect(Some(&admin_config.to_path_buf())).await?;
     let addr = admin.addr.clone();
     // Short failback damping, so reviving a POP shows traffic returning
-    // within seconds.
+    // within seconds; per-POP DNS names.
     for (name, ns) in [pops::ECHO, pops::LEDGER] {
         admin
             .client
@@ -264,6 +264,9 @@ async fn run_pops(
                     }),
                     failback_after_ms: u64::try_from(a.failback_after.as_millis())
                         .unwrap_or(u64::MAX),
+                    // SRV answers name each tier's POPs, so `dig` shows
+                    // failover as it happens.
+                    per_pop_names: true,
                     ..Default::default()
                 }),
             })

@@ -30,6 +30,8 @@ pub struct Agent {
     ready_file: PathBuf,
     child: Option<Child>,
     backend: Option<tokio::task::JoinHandle<()>>,
+    /// More `switchyard agent` arguments (e.g. `--gateway`), on every start.
+    extra_args: Vec<String>,
 }
 
 /// A TCP listener on 127.0.0.1:0 that accepts and closes connections: a
@@ -84,6 +86,7 @@ impl Agent {
             data_dir,
             child: None,
             backend: Some(handle),
+            extra_args: Vec::new(),
         };
         a.spawn(Some(token))?;
         a.wait_ready_file().await?;
@@ -117,6 +120,7 @@ impl Agent {
         if let Some(t) = token {
             cmd.arg("--token").arg(t);
         }
+        cmd.args(&self.extra_args);
         self.child = Some(
             cmd.spawn()
                 .with_context(|| format!("cannot run {}", self.bin.display()))?,
@@ -157,6 +161,71 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Like [`Agent::start`], with the services file's contents given
+    /// (`services_toml`, see docs/services-file.md; no backend is started)
+    /// and more `switchyard agent` arguments (`extra_args`, e.g.
+    /// `--gateway --tunnel 127.0.0.1:0`), used on every start.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        pop: &str,
+        token: &str,
+        hub_grpc: &str,
+        services_toml: &str,
+        extra_args: &[String],
+    ) -> Result<Agent> {
+        let data_dir = dir.join(format!("agent-{pop}"));
+        fs::create_dir_all(&data_dir)?;
+        let services_file = dir.join(format!("services-{pop}.toml"));
+        fs::write(&services_file, services_toml)?;
+        let mut a = Agent {
+            pop: pop.to_string(),
+            http: ([127, 0, 0, 1], 0).into(),
+            log: dir.join(format!("agent-{pop}.log")),
+            ready_file: dir.join(format!("agent-{pop}.ready.json")),
+            bin: bin.to_path_buf(),
+            services: services_file,
+            hub_grpc: hub_grpc.to_string(),
+            data_dir,
+            child: None,
+            backend: None,
+            extra_args: extra_args.to_vec(),
+        };
+        a.spawn(Some(token))?;
+        a.wait_ready_file().await?;
+        Ok(a)
+    }
+
+    /// The agent's ready file as JSON (with `--gateway`: also
+    /// `gateway_tunnel` and `listeners` once the gateway runs).
+    pub fn ready_json(&self) -> Result<serde_json::Value> {
+        let text = fs::read_to_string(&self.ready_file)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Waits until the ready file satisfies `ok`; returns it.
+    pub async fn wait_ready_json(
+        &self,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Ok(v) = self.ready_json() {
+                if ok(&v) {
+                    return Ok(v);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "agent {}: {what} not in its ready file within {DEADLINE:?}\n{}",
+            self.pop,
+            log_tail(&self.log, 30)
+        )
     }
 
     /// SIGKILL, as a power cut would.
@@ -247,6 +316,63 @@ pub async fn enrol(
     Agent::start(c.bin(), dir, pop, &token, &c.grpc_addrs(), services)
         .await
         .with_context(|| format!("cannot start the agent of {pop}"))
+}
+
+/// Creates POP `pop` in `region` with VIP range `vip_cidr` and a join token
+/// for it with the CLI, and starts its agent with [`Agent::start_with`].
+pub async fn enrol_with(
+    c: &crate::Cluster,
+    dir: &Path,
+    pop: &str,
+    region: &str,
+    vip_cidr: &str,
+    services_toml: &str,
+    extra_args: &[String],
+) -> Result<Agent> {
+    c.run_cli_ok([
+        "pop",
+        "add",
+        pop,
+        "--region",
+        region,
+        "--vip-cidr",
+        vip_cidr,
+    ])
+    .await?;
+    let out = c
+        .run_cli_ok(["token", "create", "--pop", pop, "--region", region])
+        .await?;
+    let token = String::from_utf8(out)?.trim().to_string();
+    Agent::start_with(
+        c.bin(),
+        dir,
+        pop,
+        &token,
+        &c.grpc_addrs(),
+        services_toml,
+        extra_args,
+    )
+    .await
+    .with_context(|| format!("cannot start the agent of {pop}"))
+}
+
+/// A /24 VIP range picked at random in 127.78.0.0 - 127.120.255.0, so that
+/// POPs of test clusters running at the same time (whose gateways bind
+/// their VIPs on this machine's loopback) do not share addresses.
+pub fn random_vip_cidr() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // Mix time, pid and a counter (no RNG dependency); 43 * 256 blocks.
+    let x = nanos
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(std::process::id().wrapping_mul(40_503))
+        .wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(97));
+    let block = x % (43 * 256);
+    format!("127.{}.{}.0/24", 78 + block / 256, block % 256)
 }
 
 /// The POP names per tier of `ns/name` in a `/debug/view` document.

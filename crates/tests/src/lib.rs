@@ -21,6 +21,7 @@
 //! ```
 
 pub mod agent;
+pub mod gateway;
 
 use std::{
     fs,

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use switchyard_agent::run::{self as agent, AgentConfig};
 
+use super::gateway::{self, AgentLink, GatewayOpts};
 use super::Global;
 
 /// Run a POP agent: enrol with a join token on first start, export this
@@ -18,7 +19,12 @@ Examples:
     switchyard agent --hub HUB:7400 --token K10... --data-dir /var/lib/switchyard/agent \\
       --services /etc/switchyard/services.toml
   later starts (certificate, key and hub addresses are in the data dir):
-    switchyard agent --data-dir /var/lib/switchyard/agent --services /etc/switchyard/services.toml")]
+    switchyard agent --data-dir /var/lib/switchyard/agent --services /etc/switchyard/services.toml
+  with this POP's gateway in the same process (VIP listeners, QUIC tunnels):
+    switchyard agent --data-dir /var/lib/switchyard/agent --gateway --tunnel 0.0.0.0:7443 \
+      --advertise 203.0.113.7:7443
+  serving the local API for a separate `switchyard gateway` process:
+    switchyard agent --data-dir /var/lib/switchyard/agent --gateway-api 127.0.0.1:7481")]
 pub struct AgentArgs {
     /// Hub gRPC address(es) to enrol through (`host:port`, comma-separated);
     /// the QUIC uplink addresses come from the hub's answer.
@@ -49,15 +55,28 @@ pub struct AgentArgs {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub first_export_grace: Duration,
     /// Write the bound HTTP address, POP and pid as JSON to this file once
-    /// serving (for scripts and tests).
+    /// serving (for scripts and tests); with --gateway, rewritten with the
+    /// gateway's tunnel address and VIP listeners once it runs.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Serve the local gateway API (view stream, gateway certificates, RTT
+    /// reports) for `switchyard gateway` on this address, e.g.
+    /// 127.0.0.1:7481. Plain text: keep it on loopback. Callers present
+    /// the secret in DATA_DIR/gateway-api.secret (0600). Off by default.
+    #[arg(long)]
+    pub gateway_api: Option<SocketAddr>,
     /// Serve DNS (UDP and TCP) for `clusterset.local.` on this address,
     /// e.g. 127.0.0.1:53: MCS names built from this POP's view (see
     /// docs/dns.md). Port 0 picks a free port (written to --ready-file as
     /// "dns"). Off by default.
     #[arg(long)]
     pub dns: Option<SocketAddr>,
+    /// Run this POP's gateway inside the agent process (same code as
+    /// `switchyard gateway`; the gateway options below apply).
+    #[arg(long)]
+    pub gateway: bool,
+    #[command(flatten)]
+    pub gateway_opts: GatewayOpts,
 }
 
 pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
@@ -80,6 +99,7 @@ pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
         http: a.http,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         first_export_grace: a.first_export_grace,
+        gateway_api: a.gateway_api,
         dns: a.dns,
         ..AgentConfig::default()
     };
@@ -93,6 +113,9 @@ pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
         "uplink": running.record.hub_quic,
         "pid": std::process::id(),
     });
+    if let (Some(addr), Some(m)) = (running.gateway_api_addr, info.as_object_mut()) {
+        m.insert("gateway_api".into(), serde_json::json!(addr.to_string()));
+    }
     if let (Some(addr), Some(m)) = (running.dns_addr, info.as_object_mut()) {
         m.insert("dns".into(), serde_json::json!(addr.to_string()));
     }
@@ -104,8 +127,48 @@ pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
         "agent for POP {} ({}) serving: HTTP {}",
         running.record.pop, running.record.domain, running.http_addr
     );
-    super::hub::wait_for_signal().await;
+    // The embedded gateway waits for its certificate (a hub must answer
+    // once), so it starts beside the agent, not before it is ready.
+    let mut embedded = a.gateway.then(|| {
+        let link = AgentLink::Embedded(running.gateway.clone());
+        let view = running.gateway.watch_view();
+        let opts = a.gateway_opts.clone();
+        let ready = a.ready_file.clone().zip(info.as_object().cloned());
+        tokio::spawn(async move { gateway::start(link, &opts, view, ready).await })
+    });
+    let mut gateway = None;
+    let failed = loop {
+        tokio::select! {
+            _ = super::hub::wait_for_signal() => break None,
+            r = async {
+                match embedded.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            }, if embedded.is_some() => {
+                embedded = None;
+                match r {
+                    Ok(Ok(g)) => {
+                        eprintln!("gateway {} serving: tunnel {} (announced as {})",
+                            a.gateway_opts.instance, g.running.tunnel_addr, g.advertise);
+                        gateway = Some(g);
+                    }
+                    Ok(Err(e)) => break Some(e),
+                    Err(e) => break Some(anyhow::anyhow!("gateway task failed: {e}")),
+                }
+            }
+        }
+    };
     eprintln!("stopping agent for POP {}", running.record.pop);
+    if let Some(t) = embedded {
+        t.abort();
+    }
+    if let Some(g) = gateway {
+        g.shutdown().await;
+    }
     running.shutdown().await;
-    Ok(())
+    match failed {
+        Some(e) => Err(e.context("the embedded gateway stopped")),
+        None => Ok(()),
+    }
 }

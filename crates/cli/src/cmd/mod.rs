@@ -2,6 +2,7 @@
 
 mod agent;
 mod dev;
+mod gateway;
 mod hub;
 mod ops;
 mod service;
@@ -53,6 +54,7 @@ pub enum Command {
     /// Run a hub node, or manage hub members (`hub members list|remove`).
     Hub(hub::HubArgs),
     Agent(agent::AgentArgs),
+    Gateway(gateway::GatewayArgs),
     /// A whole federation on this machine, on loopback (today: the hub
     /// cluster; POP agents, DNS and gateways arrive with their issues).
     Dev(dev::DevArgs),
@@ -100,6 +102,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Hub(a) => hub::run(g, a).await,
         Command::Agent(a) => agent::run(g, a).await,
+        Command::Gateway(a) => gateway::run(g, a).await,
         Command::Dev(a) => dev::run(g, a).await,
         Command::Token(c) => ops::token(g, c).await,
         Command::Pop(c) => ops::pop(g, c).await,

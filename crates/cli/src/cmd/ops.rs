@@ -75,6 +75,11 @@ pub enum PopCmd {
         /// Fail if it exists.
         #[arg(long)]
         create_only: bool,
+        /// VIP range of the POP (CIDR, e.g. 10.77.0.0/22): each global
+        /// service gets one address of it at this POP, which its gateway
+        /// binds. Default: kept, or the next free /22 of 127.77.0.0/16.
+        #[arg(long)]
+        vip_cidr: Option<String>,
     },
     /// List POPs.
     List {
@@ -355,6 +360,7 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
             name,
             labels,
             create_only,
+            vip_cidr,
         } => {
             let r = a
                 .client
@@ -362,6 +368,7 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                     pop: Some(pb::Pop {
                         name: name.clone(),
                         labels: Some(labels.to_pb()),
+                        vip_cidr: vip_cidr.unwrap_or_default(),
                         ..Default::default()
                     }),
                     create_only,

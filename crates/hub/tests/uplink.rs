@@ -715,3 +715,60 @@ async fn gateway_address_and_gateway_certificates() -> Result<()> {
     hub.running.shutdown().await;
     Ok(())
 }
+
+/// Connection migration: the agent's address changes (a new local socket,
+/// as after a NAT rebinding or a DHCP renewal); the session survives, the
+/// POP stays online, exports still commit, and the hub shows the new
+/// address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_whose_address_changes_stays_connected() -> Result<()> {
+    let hub = start_hub().await?;
+    let (cert, key) = hub.new_pop("paris").await?;
+    let mut c = Client::connect(&hub, &cert, &key).await?;
+    c.hello("paris").await?;
+    c.until(|k| matches!(k, FrameKind::Welcome(_)).then_some(()))
+        .await?;
+    c.heartbeat(1)?;
+    let live = || hub.running.hub.local(|s| s.liveness("paris"));
+    wait_for(|| live() == pb::PopLiveness::Online).await?;
+    let before = c._ep.local_addr()?;
+    let sessions = || hub.running.hub.sessions().list();
+    wait_for(|| sessions().first().is_some_and(|s| s.last_heartbeat_ms > 0)).await?;
+    assert_eq!(sessions()[0].remote_addr, before.to_string());
+
+    // A new socket on another port: quinn migrates the connection.
+    let socket = std::net::UdpSocket::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let after = socket.local_addr()?;
+    assert_ne!(before, after);
+    c._ep.rebind(socket)?;
+    for seq in 2..=6 {
+        c.heartbeat(seq)?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.send(FrameKind::ExportDelta(pb::ExportDelta {
+        seq: 1,
+        upserts: vec![export("shop", "cart", "paris", 80)],
+        withdrawals: vec![],
+        full: true,
+    }))
+    .await?;
+    let ack = c
+        .until(|k| match k {
+            FrameKind::ExportAck(a) => Some(a),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(ack.seq, 1);
+    wait_for(|| sessions().first().is_some_and(|s| s.remote_addr == after.to_string())).await?;
+    assert_eq!(sessions().len(), 1, "one session, not a reconnect");
+    assert_eq!(live(), pb::PopLiveness::Online);
+    assert_eq!(
+        hub.running
+            .hub
+            .local(|s| s.pop_status.get("paris").map(|st| st.was_offline)),
+        Some(false),
+        "never offline"
+    );
+    hub.running.shutdown().await;
+    Ok(())
+}

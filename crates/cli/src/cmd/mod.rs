@@ -82,11 +82,17 @@ pub enum Command {
     Status,
 }
 
-/// Sets up `tracing` on stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging(g: &Global) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn")
-    });
+/// Sets up `tracing` on stderr; `RUST_LOG` filters (default `info`, and
+/// `warn` for `dev`, whose screen is for the newcomer's instructions; its
+/// POPs log to files under the dev dir).
+pub fn init_logging(cli: &Cli) {
+    let g = &cli.global;
+    let default = match cli.command {
+        Command::Dev(_) => "warn,openraft=error",
+        _ => "info,openraft=warn,h2=warn,tower=warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

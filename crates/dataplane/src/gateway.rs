@@ -358,7 +358,7 @@ pub async fn start(
         let mut tick = tokio::time::interval(RTT_PUBLISH_EVERY);
         loop {
             tick.tick().await;
-            let samples: Vec<pb::RttSample> = lock(&s.peers)
+            let mut samples: Vec<pb::RttSample> = lock(&s.peers)
                 .values()
                 .filter_map(|e| {
                     let (srtt, loss) = e.peer.rtt();
@@ -369,6 +369,7 @@ pub async fn start(
                     })
                 })
                 .collect();
+            samples.sort_by(|a, b| a.to_pop.cmp(&b.to_pop));
             rtt_tx.send_if_modified(|cur| {
                 let changed = *cur != samples;
                 *cur = samples;
@@ -402,8 +403,8 @@ impl RunningGateway {
             .map(|e| e.info.addr)
     }
 
-    /// Peer RTTs (one sample per peer with a measured RTT), for the agent
-    /// to report to the hub. Updated about once a second.
+    /// Peer RTTs (one sample per peer with a measured RTT, sorted by POP),
+    /// for the agent to report to the hub. Updated about once a second.
     pub fn rtt_samples(&self) -> watch::Receiver<Vec<pb::RttSample>> {
         self.rtt.clone()
     }

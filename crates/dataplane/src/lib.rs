@@ -41,12 +41,15 @@
 //!   [`tls::ALPN`]); one bi-stream per proxied connection, opened with a
 //!   small header ([`header`]) naming service and port, answered with one
 //!   status byte once the far gateway connected to its endpoint.
-//! - **Export check** at the receiving gateway: a stream for service S is
-//!   served only if S is in the receiver's own view with the receiver's POP
-//!   among S's targets (the receiver exports S and has ready endpoints),
-//!   and the caller is a gateway certificate of the same trust domain. The
-//!   hub's `export_to` is honoured because the hub only places a POP in the
-//!   tiers of POPs allowed to import the service.
+//! - **Export check** at the receiving gateway: a stream for service S
+//!   from a gateway of POP P (its certificate says so: a gateway identity
+//!   of the same trust domain, nothing else is accepted) is served only if
+//!   S is in the receiver's own view with the receiver's POP among S's
+//!   targets with ready endpoints (the receiver exports S), and, when S's
+//!   policy restricts importers (`export_to`; the hub then sets
+//!   `ServiceView.import_restricted` and lists `importers` in the
+//!   exporter's view), P is one of them. A refusal answers one status byte
+//!   and closes that stream only.
 //! - **Health**: each gateway probes its peers with QUIC datagrams
 //!   ([`health`]); a peer is down after `probe_fall` missed probes (probe
 //!   timeout `max(3 x srtt, floor)`, probing twice as fast while probes go

@@ -35,6 +35,9 @@ pub struct Route {
     /// Whether the service has a single port: then endpoints are reached on
     /// their own port; with several ports, on the requested service port.
     pub single_port: bool,
+    /// POPs allowed to import the service when its policy restricts that
+    /// (`export_to`; sorted); `None`: every POP.
+    pub importers: Option<Vec<String>>,
 }
 
 /// A ready endpoint.
@@ -108,6 +111,17 @@ impl Route {
             port
         };
         SocketAddr::new(ep.ip, p)
+    }
+
+    /// Whether this POP serves `caller`'s tunnel streams for the service:
+    /// it exports it (has ready local endpoints) and, if the policy
+    /// restricts importers, `caller` is one of them.
+    pub fn serves(&self, caller: &str) -> bool {
+        !self.local.is_empty()
+            && self
+                .importers
+                .as_ref()
+                .is_none_or(|i| i.binary_search_by(|p| p.as_str().cmp(caller)).is_ok())
     }
 
     /// Local endpoint addresses for `port`, rotated by `seed` (spreads
@@ -187,6 +201,11 @@ pub fn compile(view: &pb::PopView, pop: &str) -> Table {
         services.insert(
             ServiceKey::from(key),
             Route {
+                importers: s.import_restricted.then(|| {
+                    let mut i = s.importers.clone();
+                    i.sort();
+                    i
+                }),
                 vip: s.vip.parse().ok(),
                 single_port: ports.len() == 1,
                 ports,
@@ -370,6 +389,26 @@ mod tests {
         assert!(firsts
             .iter()
             .any(|p| matches!(&p[0], Attempt::Remote { pop, .. } if pop == "c")));
+    }
+
+    #[test]
+    fn restricted_importers_are_honoured() {
+        let mut v = view();
+        let t = compile(&v, "a");
+        let r = &t.services[&ServiceKey::new("ns", "web")];
+        assert!(r.serves("anyone"), "unrestricted");
+        v.services[0].import_restricted = true;
+        v.services[0].importers = vec!["z".into(), "b".into()];
+        let t = compile(&v, "a");
+        let r = &t.services[&ServiceKey::new("ns", "web")];
+        assert!(r.serves("b") && r.serves("z"));
+        assert!(!r.serves("c"));
+        v.services[0].importers.clear();
+        assert!(!compile(&v, "a").services[&ServiceKey::new("ns", "web")].serves("b"));
+        // Not exporting: nobody is served.
+        v.services[0].import_restricted = false;
+        v.services[0].tiers.remove(0);
+        assert!(!compile(&v, "a").services[&ServiceKey::new("ns", "web")].serves("b"));
     }
 
     #[test]

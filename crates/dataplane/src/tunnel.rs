@@ -350,8 +350,8 @@ async fn serve_stream(
         refuse(&shared, send, Status::UnknownService, "unknown_service").await;
         return;
     };
-    if route.local.is_empty() {
-        tracing::info!(%caller, service = %header.service, "tunnel stream for a service this POP does not export: refused");
+    if !route.serves(&caller) {
+        tracing::info!(%caller, service = %header.service, "tunnel stream for a service this POP does not export to the caller: refused");
         refuse(&shared, send, Status::NotExported, "not_exported").await;
         return;
     }

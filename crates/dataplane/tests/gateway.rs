@@ -102,7 +102,13 @@ async fn served_in_tier_order_with_bytes_intact_both_ways() {
     let vip = t.a.vip(&web());
     for n in [0usize, 1, 1000, 3 << 20] {
         let who = served_by(vip, &payload(n)).await.unwrap();
-        assert_eq!(who, "b", "tier 0 serves ({n} bytes)");
+        assert_eq!(
+            who,
+            "b",
+            "tier 0 serves ({n} bytes); {:?} {:?}",
+            t.a.gw.stats(),
+            t.a.gw.peer_health()
+        );
     }
     let s = t.a.gw.stats();
     assert_eq!(s.served_remote, 4);
@@ -286,6 +292,10 @@ mod raw {
         let ca = ca();
         let (be_b, _tb) = backend("b").await;
         let secret = ServiceKey::new("ns", "secret");
+        let limited = ServiceKey::new("ns", "limited");
+        let mut only_c = service(&limited, "127.77.1.3", vec![vec![target("b", &[be_b])]]);
+        only_c.import_restricted = true;
+        only_c.importers = vec!["c".into()];
         let b = Gw::start(&ca, "b").await;
         b.set_view(view(
             "b",
@@ -293,6 +303,7 @@ mod raw {
             vec![
                 service(&web(), "127.77.1.1", vec![vec![target("b", &[be_b])]]),
                 service(&secret, "127.77.1.2", vec![vec![target("c", &[be_b])]]),
+                only_c,
             ],
             &[],
         ))
@@ -337,6 +348,21 @@ mod raw {
             0,
             "still serving"
         );
+        // `limited` is exported to c only (export_to): a is refused, c is
+        // served.
+        assert_eq!(
+            ask(&conn, &header(&limited, 80)).await.unwrap(),
+            3,
+            "not exported to a"
+        );
+        let conn_c = dial(&gw_identity(&ca, "c"), ca.cert_pem(), to)
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&conn_c, &header(&limited, 80)).await.unwrap(),
+            0,
+            "exported to c"
+        );
 
         // A POP agent's certificate (valid, same CA) is not a gateway's.
         let pop_id = identity_for(&ca, &SpiffeId::pop(DOMAIN, "a").unwrap());
@@ -354,7 +380,7 @@ mod raw {
             Err(e) => Err(e),
         };
         assert!(res.is_err(), "foreign CA served: {res:?}");
-        assert_eq!(b.gw.stats().tunnel_streams_served, 2);
+        assert_eq!(b.gw.stats().tunnel_streams_served, 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

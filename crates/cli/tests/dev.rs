@@ -74,7 +74,10 @@ impl Dev {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        bail!("dev.json never listed 3 POPs with their services:\n{}", log_tail(&self.log, 40))
+        bail!(
+            "dev.json never listed 3 POPs with their services:\n{}",
+            log_tail(&self.log, 40)
+        )
     }
 
     fn cli(&self, args: &[&str]) -> Result<String> {
@@ -126,7 +129,10 @@ fn dig(dns: &str, name: &str, rtype: &str) -> Result<Vec<String>> {
         .output()
         .context("running dig (Debian bind9-dnsutils; scripts/test installs it)")?;
     if !out.status.success() {
-        bail!("dig {name} {rtype} at {dns}: {}", String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "dig {name} {rtype} at {dns}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -189,7 +195,9 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let mut dev = Dev::start(tmp.path())?;
     let info = dev.info().await?;
-    assert!(info["config"].as_str().is_some_and(|c| c.ends_with("admin.toml")));
+    assert!(info["config"]
+        .as_str()
+        .is_some_and(|c| c.ends_with("admin.toml")));
     assert_eq!(info["hubs"].as_array().map(Vec::len), Some(3));
     let dns = |p: &str| pop(&info, p)["dns"].as_str().unwrap_or("").to_string();
 
@@ -197,16 +205,36 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     for p in ["north-1", "north-2", "south-1"] {
         for svc in ["echo", "ledger"] {
             let vip = vip_of(&info, p, svc);
-            let ip = vip.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
+            let ip = vip
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .unwrap_or_default();
             let name = format!("{svc}.demo.svc.clusterset.local");
-            let got = until(&format!("{name} at {p}"), || {
+            until(&format!("{name} at {p}"), || {
                 let (dns, name, ip) = (dns(p), name.clone(), ip.clone());
                 async move { Ok(dig(&dns, &name, "A")?.contains(&ip).then_some(())) }
             })
             .await?;
-            let () = got;
         }
     }
+
+    // The hub's global zone answers external clients with gateways of
+    // healthy POPs exporting the service (all on loopback here).
+    let hub_dns = info["hubs"][0]["dns"].as_str().unwrap_or("").to_string();
+    let zone = info["hubs"][0]["global_zone"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let global = format!("ledger.demo.{zone}");
+    until("ledger in the global zone", || {
+        let (d, n) = (hub_dns.clone(), global.clone());
+        async move {
+            Ok(dig(&d, &n, "A")?
+                .contains(&"127.0.0.1".to_string())
+                .then_some(()))
+        }
+    })
+    .await?;
 
     // north-2 reaches ledger across POPs: north-1 (same region) first.
     let ledger_srv = "_8080._tcp.ledger.demo.svc.clusterset.local";
@@ -276,12 +304,17 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
         }
     })
     .await?;
-    println!("traffic back at north-1 {:?} after revive", revived_at.elapsed());
+    println!(
+        "traffic back at north-1 {:?} after revive",
+        revived_at.elapsed()
+    );
     until("ledger SRV at north-2 back to north-1 first", || {
         let d = n2_dns.clone();
         async move {
             let t = srv_tiers(&dig(&d, ledger_srv, "SRV")?);
-            Ok(t.first().is_some_and(|(p, n)| *p == 0 && n == "north-1").then_some(()))
+            Ok(t.first()
+                .is_some_and(|(p, n)| *p == 0 && n == "north-1")
+                .then_some(()))
         }
     })
     .await?;
@@ -297,7 +330,9 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
         .collect();
     assert_eq!(pids.len(), 6, "{info}");
     let pid = dev.child.id();
-    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
     assert!(status.success());
     let start = Instant::now();
     let code = loop {
@@ -309,7 +344,11 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(code.success(), "dev exited with {code}:\n{}", log_tail(&dev.log, 30));
+    assert!(
+        code.success(),
+        "dev exited with {code}:\n{}",
+        log_tail(&dev.log, 30)
+    );
     let left: Vec<u64> = pids.into_iter().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
     // Nothing else runs from this dev dir either.

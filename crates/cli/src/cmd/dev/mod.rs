@@ -24,6 +24,9 @@ use super::{hub::wait_for_signal, Global};
 use crate::client;
 use pops::{PopPlan, PopProcs, PopRecord};
 
+/// The global DNS zone every dev hub node serves.
+const GLOBAL_ZONE: &str = "global.dev.switchyard.local.";
+
 /// Run a whole federation on loopback: hub nodes, POPs with agent, DNS,
 /// gateway and demo backends. Ctrl-C stops everything it started.
 #[derive(Debug, Args)]
@@ -150,8 +153,26 @@ async fn run_federation(_g: &Global, a: DevArgs) -> Result<()> {
         cfg.hubs = nodes.iter().map(|n| n.grpc_addr.to_string()).collect();
         cfg.write(&admin_config).map_err(anyhow::Error::msg)?;
     }
-    let result = run_pops(&a, &dir, &admin_config, &nodes).await;
+    // The global zone on every hub node: external clients' view.
+    let mut global = Vec::new();
+    for n in &nodes {
+        let g = switchyard_hub::global_dns::start(
+            n.hub.clone(),
+            switchyard_hub::global_dns::GlobalDnsConfig {
+                zone: GLOBAL_ZONE.into(),
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            },
+        )
+        .await
+        .with_context(|| format!("global DNS zone of hub node {}", n.hub.id()))?;
+        global.push(g);
+    }
+    let global_addrs: Vec<_> = global.iter().map(|g| g.local_addr()).collect();
+    let result = run_pops(&a, &dir, &admin_config, &nodes, &global_addrs).await;
     println!("stopping");
+    for g in global {
+        g.shutdown();
+    }
     for n in nodes {
         n.shutdown().await;
     }
@@ -205,7 +226,9 @@ impl Federation {
     async fn kill(&mut self, pop: &str) -> Result<String, String> {
         self.plan(pop)?;
         let Some(procs) = self.procs.remove(pop) else {
-            return Err(format!("{pop} is not running (revive it with `dev revive {pop}`)"));
+            return Err(format!(
+                "{pop} is not running (revive it with `dev revive {pop}`)"
+            ));
         };
         procs.kill().await;
         if let Some(r) = self.records.get_mut(pop) {
@@ -245,6 +268,7 @@ async fn run_pops(
     dir: &std::path::Path,
     admin_config: &std::path::Path,
     nodes: &[RunningHub],
+    global_dns: &[std::net::SocketAddr],
 ) -> Result<()> {
     if !(1..=32).contains(&a.pops) {
         bail!("--pops must be between 1 and 32");
@@ -280,9 +304,11 @@ async fn run_pops(
         admin_config: admin_config.to_path_buf(),
         hubs: nodes
             .iter()
-            .map(|n| {
+            .zip(global_dns)
+            .map(|(n, dns)| {
                 json!({"id": n.hub.id().to_string(), "admin": n.grpc_addr.to_string(),
                        "http": n.http_addr.to_string(), "uplink": n.uplink_addr.to_string(),
+                       "dns": dns.to_string(), "global_zone": GLOBAL_ZONE,
                        "pid": std::process::id()})
             })
             .collect(),
@@ -400,7 +426,9 @@ async fn wait_vips(fed: &mut Federation, hub: &RunningHub) -> Result<()> {
                     let at = wanted
                         .iter()
                         .filter_map(|(name, ns)| {
-                            let v = s.vips.get(&(p.name.clone(), ns.to_string(), name.to_string()))?;
+                            let v =
+                                s.vips
+                                    .get(&(p.name.clone(), ns.to_string(), name.to_string()))?;
                             Some(pops::ServiceAt {
                                 name: name.to_string(),
                                 namespace: ns.to_string(),
@@ -422,7 +450,10 @@ async fn wait_vips(fed: &mut Federation, hub: &RunningHub) -> Result<()> {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(30) {
-            bail!("the POPs' exports did not reach the hub within 30 s (logs under {}/pops)", fed.dir.display());
+            bail!(
+                "the POPs' exports did not reach the hub within 30 s (logs under {}/pops)",
+                fed.dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -436,12 +467,13 @@ fn print_intro(fed: &Federation, nodes: &[RunningHub], exe: &std::path::Path) {
         fed.plans.len(),
         fed.dir.display()
     );
-    for n in nodes {
+    for (n, h) in nodes.iter().zip(&fed.hubs) {
         println!(
-            "  hub {}   gRPC {}   status page http://{}/",
+            "  hub {}   gRPC {}   status page http://{}/   global DNS {}",
             n.hub.id(),
             n.grpc_addr,
-            n.http_addr
+            n.http_addr,
+            h["dns"].as_str().unwrap_or("-")
         );
     }
     println!();
@@ -484,12 +516,24 @@ fn print_intro(fed: &Federation, nodes: &[RunningHub], exe: &std::path::Path) {
             );
         }
     }
+    if let Some((host, port)) = fed
+        .hubs
+        .first()
+        .and_then(|h| h["dns"].as_str()?.rsplit_once(':'))
+    {
+        println!(
+            "  dig @{host} -p {port} +short ledger.demo.{GLOBAL_ZONE}   # global zone: healthy POPs' gateways"
+        );
+    }
     println!("  {exe} pop list");
     println!("  {exe} status");
     println!("  {exe} dev kill north-1      # then curl and dig again: traffic moves to south-1");
     println!("  {exe} dev revive north-1    # back after the failback delay (--failback-after)");
     if let Some(n) = nodes.first() {
-        println!("  open http://{}/            # the status page", n.http_addr);
+        println!(
+            "  open http://{}/            # the status page",
+            n.http_addr
+        );
     }
     println!(
         "\nCtrl-C stops everything. Details for scripts: {}",

@@ -54,13 +54,15 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 /// Sends `req` to the `dev` running in `dir` and returns its answer.
 pub async fn send(dir: &Path, req: &Request) -> Result<String> {
     let path = socket_path(dir);
-    let mut stream = tokio::net::UnixStream::connect(&path).await.with_context(|| {
-        format!(
-            "no `switchyard dev` is running with --dir {} (cannot connect to {})",
-            dir.display(),
-            path.display()
-        )
-    })?;
+    let mut stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .with_context(|| {
+            format!(
+                "no `switchyard dev` is running with --dir {} (cannot connect to {})",
+                dir.display(),
+                path.display()
+            )
+        })?;
     stream
         .write_all(format!("{}\n", req.to_line()).as_bytes())
         .await?;

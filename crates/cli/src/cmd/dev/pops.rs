@@ -138,7 +138,10 @@ impl PopProcs {
     /// Which of them exited on their own, with their status.
     pub fn exited(&mut self) -> Vec<(&'static str, std::process::ExitStatus)> {
         let mut out = Vec::new();
-        for (what, c) in [("agent", &mut self.agent), ("demo backend", &mut self.backend)] {
+        for (what, c) in [
+            ("agent", &mut self.agent),
+            ("demo backend", &mut self.backend),
+        ] {
             if let Ok(Some(st)) = c.try_wait() {
                 out.push((what, st));
             }
@@ -397,7 +400,10 @@ mod tests {
     fn services_file_points_at_the_backends() {
         let backends = [("echo.demo".to_string(), "127.0.0.1:4000".to_string())].into();
         let s = services_toml(&plan(1)[0].exports, &backends);
-        assert!(s.contains("name = \"echo\"") && s.contains("port = 4000"), "{s}");
+        assert!(
+            s.contains("name = \"echo\"") && s.contains("port = 4000"),
+            "{s}"
+        );
         assert!(!s.contains("ledger"), "no backend, no export: {s}");
     }
 }

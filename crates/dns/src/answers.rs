@@ -19,7 +19,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
 use hickory_proto::op::{Message, MessageType, OpCode};
-use hickory_proto::rr::rdata::HINFO;
 use hickory_proto::rr::{Name, RData, Record};
 
 use crate::query::{self, rtype, Malformed, Query, CLASS_IN, HEADER_LEN};
@@ -188,16 +187,21 @@ impl Hasher for Fnv {
     }
 }
 
-#[derive(Debug)]
+/// One precomputed answer: `len` bytes at `at` in the table's arena.
+#[derive(Debug, Clone, Copy)]
 struct Answer {
     qtype: u16,
     class: u16,
-    wire: Box<[u8]>,
+    at: u32,
+    len: u32,
 }
 
 #[derive(Debug, Default)]
 struct NameEntry {
     answers: Vec<Answer>,
+    /// TTL of the minimal ANY answer (RFC 8482), the lowest TTL of the
+    /// name's records; `None`: the name has no records (ANY is NODATA).
+    any_ttl: Option<u32>,
 }
 
 /// A client subnet mapped to a client class.
@@ -244,6 +248,9 @@ impl Subnet {
 pub struct AnswerTable {
     zones: Vec<ZoneApex>,
     names: HashMap<Box<[u8]>, NameEntry, BuildHasherDefault<Fnv>>,
+    /// Every answer's wire bytes, back to back (one allocation instead of
+    /// one per answer: the table's size is mostly these).
+    arena: Vec<u8>,
     subnets: Vec<(Subnet, u16)>,
     /// What the table was built from (view epoch or applied log index).
     pub built_from: u64,
@@ -272,7 +279,6 @@ impl AnswerTable {
 #[derive(Debug, Default)]
 pub struct TableBuilder {
     table: AnswerTable,
-    any_ttl: HashMap<Box<[u8]>, u32>,
 }
 
 fn wire_name(name: &Name) -> Vec<u8> {
@@ -288,6 +294,9 @@ fn wire_name(name: &Name) -> Vec<u8> {
 /// Why a record set could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The answers exceed 4 GiB.
+    #[error("the answer table is too large")]
+    TooLarge,
     /// hickory-proto refused to encode the message.
     #[error("cannot encode the answer for {name}: {source}")]
     Encode {
@@ -307,7 +316,6 @@ impl TableBuilder {
                 built_from,
                 ..AnswerTable::default()
             },
-            any_ttl: HashMap::new(),
         }
     }
 
@@ -368,62 +376,28 @@ impl TableBuilder {
             source,
         })?;
         let key = wire_name(&lower);
-        let t = self
-            .any_ttl
-            .entry(key.clone().into_boxed_slice())
-            .or_insert(min_ttl);
-        *t = (*t).min(min_ttl);
+        let at = u32::try_from(self.table.arena.len()).map_err(|_| BuildError::TooLarge)?;
+        let len = u32::try_from(wire.len()).map_err(|_| BuildError::TooLarge)?;
+        self.table.arena.extend_from_slice(&wire);
         let entry = self.table.names.entry(key.into_boxed_slice()).or_default();
+        entry.any_ttl = Some(entry.any_ttl.map_or(min_ttl, |t| t.min(min_ttl)));
         entry
             .answers
             .retain(|a| !(a.qtype == qtype && a.class == class));
         entry.answers.push(Answer {
             qtype,
             class,
-            wire: wire.into_boxed_slice(),
+            at,
+            len,
         });
         Ok(())
     }
 
-    /// The table, with the minimal RFC 8482 answer to ANY (one HINFO
-    /// "RFC8482") at every name that has records.
+    /// The table.
     pub fn finish(mut self) -> Result<AnswerTable, BuildError> {
-        let any: Vec<(Box<[u8]>, u32)> = self.any_ttl.drain().collect();
-        for (key, ttl) in any {
-            let Ok(name) = Name::from_wire(&key) else {
-                continue;
-            };
-            let hinfo = Record::from_rdata(
-                name.clone(),
-                ttl,
-                RData::HINFO(HINFO::new("RFC8482".to_string(), String::new())),
-            );
-            self.set(&name, rtype::ANY, 0, vec![hinfo])?;
-        }
+        self.table.arena.shrink_to_fit();
+        self.table.names.shrink_to_fit();
         Ok(self.table)
-    }
-}
-
-/// Decoding a stored key back into a name (only for building).
-trait FromWire: Sized {
-    fn from_wire(wire: &[u8]) -> Result<Self, hickory_proto::ProtoError>;
-}
-
-impl FromWire for Name {
-    fn from_wire(wire: &[u8]) -> Result<Self, hickory_proto::ProtoError> {
-        let mut labels: Vec<&[u8]> = Vec::new();
-        let mut at = 0;
-        while let Some(&len) = wire.get(at) {
-            if len == 0 {
-                break;
-            }
-            let l = wire.get(at + 1..at + 1 + len as usize).unwrap_or_default();
-            labels.push(l);
-            at += 1 + len as usize;
-        }
-        let mut n = Name::from_labels(labels)?;
-        n.set_fqdn(true);
-        Ok(n)
     }
 }
 
@@ -502,9 +476,14 @@ pub fn respond(
                         .iter()
                         .find(|a| a.qtype == q.qtype && a.class == 0)
                 });
-            match pick {
-                Some(a) => {
-                    out.extend_from_slice(&a.wire);
+            match (pick, entry.any_ttl) {
+                (None, Some(ttl)) if q.qtype == rtype::ANY => {
+                    minimal_any(packet, &q, ttl, out);
+                    Outcome::Answer
+                }
+                (Some(a), _) => {
+                    let (at, len) = (a.at as usize, a.len as usize);
+                    out.extend_from_slice(&table.arena[at..at + len]);
                     // Same length: the key is the lowercased question name.
                     out[HEADER_LEN..q.question_end]
                         .copy_from_slice(&packet[HEADER_LEN..q.question_end]);
@@ -513,7 +492,7 @@ pub fn respond(
                     out[2..4].copy_from_slice(&flags.to_be_bytes());
                     Outcome::Answer
                 }
-                None => {
+                (None, _) => {
                     negative(packet, &q, zone, rcode::NOERROR, out);
                     Outcome::NoData
                 }
@@ -558,6 +537,21 @@ fn echo_question(packet: &[u8], q: &Query, rcode: u8, out: &mut Vec<u8>) {
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&packet[HEADER_LEN..q.question_end]);
+}
+
+/// The RFC 8482 answer to ANY: one HINFO "RFC8482" "" owned by the
+/// question's name.
+fn minimal_any(packet: &[u8], q: &Query, ttl: u32, out: &mut Vec<u8>) {
+    echo_question(packet, q, rcode::NOERROR, out);
+    let flags = u16::from_be_bytes([out[2], out[3]]) | FLAG_AA;
+    out[2..4].copy_from_slice(&flags.to_be_bytes());
+    out[7] = 1; // ANCOUNT
+    out.extend_from_slice(&0xc00cu16.to_be_bytes());
+    out.extend_from_slice(&rtype::HINFO.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&9u16.to_be_bytes());
+    out.extend_from_slice(b"\x07RFC8482\x00");
 }
 
 /// NXDOMAIN or NODATA: the question and the zone's SOA in authority, its

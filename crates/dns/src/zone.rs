@@ -72,6 +72,13 @@ impl Sets {
         }
     }
 
+    fn encode(self, b: &mut TableBuilder) -> Result<(), BuildError> {
+        for ((owner, qtype), records) in self.sets {
+            b.set(&owner, qtype, 0, records)?;
+        }
+        Ok(())
+    }
+
     fn addr(&mut self, owner: &Name, ttl: u32, ip: IpAddr) {
         let (t, r) = addr_record(owner, ttl, ip);
         self.add(owner, t, r);
@@ -131,12 +138,15 @@ pub fn build(view: Option<&pb::PopView>) -> Result<AnswerTable, BuildError> {
             Record::from_rdata(e.clone(), 0, RData::TXT(txt)),
         );
     }
-    for sv in view.map(|v| v.services.as_slice()).unwrap_or_default() {
-        service(sv, &mut sets);
-    }
     let mut b = TableBuilder::new(vec![zone], epoch);
-    for ((owner, qtype), records) in sets.sets {
-        b.set(&owner, qtype, 0, records)?;
+    sets.encode(&mut b)?;
+    // One service at a time: the intermediate records (hickory names and
+    // record data, far larger than the wire bytes) of only one service
+    // exist at once, which keeps the peak (and so the RSS) low.
+    for sv in view.map(|v| v.services.as_slice()).unwrap_or_default() {
+        let mut sets = Sets::default();
+        service(sv, &mut sets);
+        sets.encode(&mut b)?;
     }
     b.finish()
 }

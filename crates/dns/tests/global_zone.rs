@@ -50,12 +50,7 @@ fn input() -> GlobalInput {
             namespace: "shop".into(),
             name: "orders".into(),
             ttl: 9,
-            pops: vec![
-                "east".into(),
-                "north".into(),
-                "south".into(),
-                "west".into(),
-            ],
+            pops: vec!["east".into(), "north".into(), "south".into(), "west".into()],
             by_client,
         }],
     }
@@ -88,7 +83,10 @@ async fn order(s: &DnsServer, extra: &[&str]) -> Vec<String> {
 async fn gateways_are_ordered_for_the_clients_pop() {
     let s = serve_global(&input()).await;
     // Source address 127.0.0.1: east's order; west is unhealthy.
-    assert_eq!(order(&s, &[]).await, ["192.0.2.3", "192.0.2.2", "192.0.2.1"]);
+    assert_eq!(
+        order(&s, &[]).await,
+        ["192.0.2.3", "192.0.2.2", "192.0.2.1"]
+    );
     // EDNS Client Subnet wins over the source address.
     assert_eq!(
         order(&s, &["+subnet=10.1.7.0/24"]).await,
@@ -115,14 +113,23 @@ async fn gateways_are_ordered_for_the_clients_pop() {
     .await;
     assert!(out.contains("CLIENT-SUBNET: 10.1.7.0/24/16"), "{out}");
     // TTL from the service, NXDOMAIN elsewhere, REFUSED outside.
-    let out = dig(s.local_addr(), &["+noall", "+answer", "orders.shop.global.example.", "A"]).await;
+    let out = dig(
+        s.local_addr(),
+        &["+noall", "+answer", "orders.shop.global.example.", "A"],
+    )
+    .await;
     assert!(out.split_whitespace().nth(1) == Some("9"), "{out}");
     let out = dig(s.local_addr(), &["nope.shop.global.example.", "A"]).await;
     assert_eq!(status(&out), "NXDOMAIN", "{out}");
     let out = dig(s.local_addr(), &["orders.shop.svc.clusterset.local.", "A"]).await;
     assert_eq!(status(&out), "REFUSED", "{out}");
     assert_eq!(
-        dig(s.local_addr(), &["+short", "_applied-index.global.example.", "TXT"]).await.trim(),
+        dig(
+            s.local_addr(),
+            &["+short", "_applied-index.global.example.", "TXT"]
+        )
+        .await
+        .trim(),
         "\"77\""
     );
 }
@@ -130,7 +137,9 @@ async fn gateways_are_ordered_for_the_clients_pop() {
 #[test]
 fn longest_prefix_wins() {
     let mut i = input();
-    i.pops[2].subnets.push(Subnet::parse("10.1.7.0/24").unwrap());
+    i.pops[2]
+        .subnets
+        .push(Subnet::parse("10.1.7.0/24").unwrap());
     let t = global::build(&i, 5).unwrap();
     let north = t.class_of("10.1.8.1".parse().unwrap());
     let south = t.class_of("10.1.7.1".parse().unwrap());

@@ -13,8 +13,9 @@
 //! - reads in bounded chunks, writes what the session produces, feeds
 //!   datagrams and timers;
 //! - on every applied Raft index: revocation check (close within one
-//!   applied change), then `decide` for the POP, given to the session when
-//!   its epoch moved.
+//!   applied change); `decide` for the POP runs in its own task
+//!   ([`compute_views`], one at a time per node) and its view is given to
+//!   the session when its epoch moved.
 //!
 //! QUIC application close codes are the numeric values of
 //! [`pb::UplinkErrorCode`] (0 = normal close).
@@ -168,6 +169,8 @@ struct Shared {
     next_session: AtomicU64,
     registry: Mutex<Registry>,
     shutdown: watch::Receiver<bool>,
+    /// One `decide` at a time on this node (see [`compute_views`]).
+    decide_permits: Semaphore,
 }
 
 impl Shared {
@@ -303,6 +306,7 @@ pub fn start(
         registry: Mutex::new(Registry::default()),
         shutdown: shutdown_rx,
         options,
+        decide_permits: Semaphore::new(1),
     });
     let limit = Arc::new(Semaphore::new(shared.options.max_connections.max(1)));
     let accept = {
@@ -463,6 +467,8 @@ struct Driver {
     dropped_datagrams: u64,
     /// The agent's address as last seen (connection migration changes it).
     last_remote: SocketAddr,
+    /// The POP's newest view, from [`compute_views`].
+    views: watch::Receiver<Option<Arc<pb::PopView>>>,
 }
 
 impl Driver {
@@ -478,6 +484,13 @@ impl Driver {
         let pop = session.pop().to_string();
         let session_id = session.session_id();
         let last_remote = conn.remote_address();
+        let (views_tx, views) = watch::channel(None);
+        tokio::spawn(compute_views(
+            shared.clone(),
+            pop.clone(),
+            shared.applied.clone(),
+            views_tx,
+        ));
         tokio::spawn(commit_liveness(
             shared.hub.clone(),
             pop.clone(),
@@ -508,6 +521,7 @@ impl Driver {
             rtt_busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             dropped_datagrams: 0,
             last_remote,
+            views,
         }
     }
 
@@ -580,6 +594,13 @@ impl Driver {
                         self.applied = watch::channel(0).1;
                     } else {
                         self.on_applied();
+                    }
+                }
+                r = self.views.changed() => {
+                    if r.is_ok() {
+                        self.on_view();
+                    } else {
+                        self.views = watch::channel(None).1;
                     }
                 }
                 Some(o) = self.outcomes_rx.recv() => self.on_outcome(o),
@@ -682,12 +703,10 @@ impl Driver {
 
     fn on_applied(&mut self) {
         self.applied.borrow_and_update();
-        let open = self.send.is_some() && self.closing.is_none();
         let pop = self.pop.clone();
-        let (revoked, view, liveness) = self.shared.hub.local(|s| {
+        let (revoked, liveness) = self.shared.hub.local(|s| {
             (
                 s.is_revoked(pb::RevocationKind::Pop, &pop),
-                open.then(|| crate::decide::decide(s, &pop)),
                 s.liveness(&pop),
             )
         });
@@ -699,14 +718,6 @@ impl Driver {
             self.closing = Some((pb::UplinkErrorCode::Revoked, "POP was revoked"));
             return;
         }
-        if let Some(view) = view {
-            if view.epoch > self.view_epoch {
-                self.view_epoch = view.epoch;
-                if self.session.view_changed(Arc::new(view)) {
-                    self.view_pending_since.get_or_insert_with(Instant::now);
-                }
-            }
-        }
         // Another node's stale session marked this POP offline while it is
         // connected here and healthy: assert the truth again.
         if self.session.is_established()
@@ -716,6 +727,20 @@ impl Driver {
             && self.liveness.borrow().is_some()
         {
             self.liveness.send_replace(Some(Liveness::Online));
+        }
+    }
+
+    /// A newer view of the POP was computed: hand it to the session.
+    fn on_view(&mut self) {
+        let open = self.send.is_some() && self.closing.is_none();
+        let Some(view) = self.views.borrow_and_update().clone() else {
+            return;
+        };
+        if open && view.epoch > self.view_epoch {
+            self.view_epoch = view.epoch;
+            if self.session.view_changed(view) {
+                self.view_pending_since.get_or_insert_with(Instant::now);
+            }
         }
     }
 
@@ -1010,6 +1035,43 @@ impl Driver {
             }
             busy.store(false, Ordering::Relaxed);
         });
+    }
+}
+
+/// Computes the POP's view after every applied change and publishes it
+/// (newest wins) to the session's driver. Views are computed outside the
+/// driver so a slow `decide` never delays the driver's heartbeats, and one
+/// at a time per node (`decide_permits`): with a thousand POPs and large
+/// views, decide gets one core while I/O and detectors keep the other, and
+/// changes that arrive meanwhile coalesce into the next computation.
+async fn compute_views(
+    shared: Arc<Shared>,
+    pop: String,
+    mut applied: watch::Receiver<u64>,
+    tx: watch::Sender<Option<Arc<pb::PopView>>>,
+) {
+    let mut last_epoch = 0;
+    loop {
+        let permit = tokio::select! {
+            p = shared.decide_permits.acquire() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = tx.closed() => return,
+        };
+        applied.borrow_and_update();
+        let view = shared.hub.local(|s| crate::decide::decide(s, &pop));
+        drop(permit);
+        if view.epoch > last_epoch {
+            last_epoch = view.epoch;
+            if tx.send(Some(Arc::new(view))).is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = tx.closed() => return,
+        }
     }
 }
 

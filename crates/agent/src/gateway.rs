@@ -131,6 +131,9 @@ struct Inner {
     csrs: mpsc::Sender<CsrJob>,
     rtts: mpsc::Sender<Vec<pb::RttSample>>,
     addr: watch::Sender<String>,
+    /// QUIC uplink addresses of hub nodes: a wildcard tunnel address is
+    /// announced with the IP this host uses toward them.
+    hubs: Vec<String>,
     /// Serializes identity requests so one instance is issued once.
     issuing: Mutex<()>,
 }
@@ -144,6 +147,7 @@ impl GatewaySupport {
         data: DataDir,
         ca_pem: String,
         gateway_addr: String,
+        hubs: Vec<String>,
     ) -> (Self, GatewayLink) {
         let (csrs, csr_rx) = mpsc::channel(MAX_QUEUED_CSRS);
         let (rtts, rtt_rx) = mpsc::channel(MAX_QUEUED_REPORTS);
@@ -157,6 +161,7 @@ impl GatewaySupport {
                     csrs,
                     rtts,
                     addr,
+                    hubs,
                     issuing: Mutex::new(()),
                 }),
             },
@@ -204,10 +209,12 @@ impl GatewaySupport {
     }
 
     /// A gateway's tunnel address and RTT samples: the address is
-    /// announced to the hub when it changed (empty: unchanged), the samples
-    /// (at most [`MAX_RTT_SAMPLES`]) go out as an RTT report when the
-    /// uplink is up, and are dropped otherwise.
-    pub fn report(
+    /// announced to the hub when it changed (empty: unchanged; a wildcard
+    /// IP such as `0.0.0.0:7403` is replaced by the IP this host uses
+    /// toward the hub nodes), the samples (at most [`MAX_RTT_SAMPLES`]) go
+    /// out as an RTT report when the uplink is up, and are dropped
+    /// otherwise.
+    pub async fn report(
         &self,
         tunnel_addr: &str,
         mut samples: Vec<pb::RttSample>,
@@ -218,6 +225,8 @@ impl GatewaySupport {
                     tunnel_addr.chars().take(64).collect(),
                 ));
             }
+            let concrete = self.concrete(tunnel_addr).await;
+            let tunnel_addr = concrete.as_str();
             self.inner.addr.send_if_modified(|cur| {
                 if cur == tunnel_addr {
                     false
@@ -268,6 +277,42 @@ impl GatewaySupport {
                 }),
             },
         }
+    }
+
+    /// `addr` with a wildcard IP replaced by this host's source IP toward
+    /// the first resolvable hub node (a routing lookup: a connected UDP
+    /// socket sends nothing); `addr` unchanged otherwise.
+    async fn concrete(&self, addr: &str) -> String {
+        let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
+            return addr.to_string();
+        };
+        if !sa.ip().is_unspecified() {
+            return addr.to_string();
+        }
+        for hub in &self.inner.hubs {
+            let Ok(mut targets) = tokio::net::lookup_host(hub.as_str()).await else {
+                continue;
+            };
+            let Some(target) = targets.find(|t| t.is_ipv4() == sa.is_ipv4()) else {
+                continue;
+            };
+            let Ok(sock) = tokio::net::UdpSocket::bind((sa.ip(), 0)).await else {
+                continue;
+            };
+            if sock.connect(target).await.is_err() {
+                continue;
+            }
+            if let Ok(local) = sock.local_addr() {
+                if !local.ip().is_unspecified() {
+                    return std::net::SocketAddr::new(local.ip(), sa.port()).to_string();
+                }
+            }
+        }
+        tracing::warn!(
+            addr,
+            "gateway tunnel address is a wildcard and no hub route is known; pass --advertise"
+        );
+        addr.to_string()
     }
 
     fn cert_path(&self, instance: &str) -> PathBuf {

@@ -251,6 +251,7 @@ impl LocalGateway for Api {
         let r = req.into_inner();
         self.support
             .report(&r.tunnel_addr, r.samples)
+            .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(pb::GatewayReportReply {}))
     }

@@ -283,6 +283,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         data.clone(),
         identity.ca_pem.clone(),
         cfg.session.gateway_addr.clone(),
+        record.hub_quic.clone(),
     );
     let gateway_api_addr = match cfg.gateway_api {
         Some(addr) => {

@@ -146,7 +146,7 @@ async fn gateway_identity_address_and_rtts_through_the_agent() -> anyhow::Result
     assert!(second.renew_at > first.renew_at);
 
     // The tunnel address reaches the POP's record; RTTs the hub's state.
-    gw.report("127.0.0.1:7443", Vec::new())?;
+    gw.report("127.0.0.1:7443", Vec::new()).await?;
     let addr = |h: &RunningHub| {
         h.hub
             .local(|s| s.pops.get("north-1").map(|p| p.gateway_addr.clone()))
@@ -156,7 +156,13 @@ async fn gateway_identity_address_and_rtts_through_the_agent() -> anyhow::Result
         addr(&hub) == "127.0.0.1:7443"
     })
     .await;
-    assert!(gw.report("not an address", Vec::new()).is_err());
+    assert!(gw.report("not an address", Vec::new()).await.is_err());
+    // A wildcard IP is announced as the IP this host uses toward the hub.
+    gw.report("0.0.0.0:7445", Vec::new()).await?;
+    wait("concrete gateway address in the hub's state", || {
+        addr(&hub) == "127.0.0.1:7445"
+    })
+    .await;
     let rtt = |h: &RunningHub| {
         h.hub.local(|s| {
             s.rtts
@@ -173,7 +179,8 @@ async fn gateway_identity_address_and_rtts_through_the_agent() -> anyhow::Result
                 rtt_us: 12_000,
                 loss_permille: 0,
             }],
-        )?;
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -21,8 +21,7 @@ Examples:
   later starts (certificate, key and hub addresses are in the data dir):
     switchyard agent --data-dir /var/lib/switchyard/agent --services /etc/switchyard/services.toml
   with this POP's gateway in the same process (VIP listeners, QUIC tunnels):
-    switchyard agent --data-dir /var/lib/switchyard/agent --gateway --tunnel 0.0.0.0:7443 \
-      --advertise 203.0.113.7:7443
+    switchyard agent --data-dir /var/lib/switchyard/agent --gateway --tunnel 0.0.0.0:7403
   serving the local API for a separate `switchyard gateway` process:
     switchyard agent --data-dir /var/lib/switchyard/agent --gateway-api 127.0.0.1:7481")]
 pub struct AgentArgs {

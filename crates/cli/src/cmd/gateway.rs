@@ -38,11 +38,12 @@ pub struct GatewayOpts {
     pub instance: String,
     /// UDP address of the QUIC tunnel listener peer gateways dial; port 0
     /// picks a free port.
-    #[arg(long, default_value = "0.0.0.0:7443")]
+    #[arg(long, default_value = "0.0.0.0:7403")]
     pub tunnel: SocketAddr,
     /// Tunnel address announced to the hub for other POPs (`host:port`);
-    /// default: the bound tunnel address (required when --tunnel binds a
-    /// wildcard address).
+    /// default: the bound tunnel address, where a wildcard IP (0.0.0.0)
+    /// becomes the IP this host uses toward the hub nodes. Set it when
+    /// peers reach this POP through NAT or another interface.
     #[arg(long)]
     pub advertise: Option<String>,
     /// How VIP listeners are bound: `vip` (each service's VIP and port from
@@ -83,10 +84,9 @@ Examples:
     switchyard agent --data-dir /var/lib/switchyard/agent --gateway-api 127.0.0.1:7481
     switchyard gateway --agent 127.0.0.1:7481 \\
       --secret-file /var/lib/switchyard/agent/gateway-api.secret \\
-      --instance gw0 --tunnel 0.0.0.0:7443 --advertise 203.0.113.7:7443
+      --instance gw0 --tunnel 0.0.0.0:7403 --advertise 203.0.113.7:7403
   or the gateway inside the agent process:
-    switchyard agent --data-dir /var/lib/switchyard/agent --gateway --tunnel 0.0.0.0:7443 \\
-      --advertise 203.0.113.7:7443")]
+    switchyard agent --data-dir /var/lib/switchyard/agent --gateway --tunnel 0.0.0.0:7403")]
 pub struct GatewayArgs {
     /// The agent's local API (`switchyard agent --gateway-api ADDR`).
     #[arg(long, default_value = "127.0.0.1:7481")]
@@ -176,7 +176,7 @@ impl AgentLink {
     async fn report(&self, instance: &str, tunnel_addr: &str, samples: Vec<pb::RttSample>) {
         match self {
             AgentLink::Embedded(s) => {
-                if let Err(e) = s.report(tunnel_addr, samples) {
+                if let Err(e) = s.report(tunnel_addr, samples).await {
                     tracing::warn!(error = %e, "gateway report refused");
                 }
             }
@@ -236,12 +236,6 @@ pub async fn start(
         bail!(
             "--instance {:?} is not a DNS label (a-z, 0-9, '-')",
             opts.instance
-        );
-    }
-    if opts.advertise.is_none() && opts.tunnel.ip().is_unspecified() {
-        bail!(
-            "--tunnel {} binds every address: pass --advertise HOST:PORT, the address peers dial",
-            opts.tunnel
         );
     }
     let identity = identity_with_retry(&link, &opts.instance).await;

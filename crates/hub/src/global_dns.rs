@@ -250,8 +250,14 @@ mod tests {
             gateway_addr: a.into(),
             ..Default::default()
         };
-        assert_eq!(gateway_ip(&p("10.0.0.1:7443")), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(gateway_ip(&p("[fd00::1]:7443")), Some("fd00::1".parse().unwrap()));
+        assert_eq!(
+            gateway_ip(&p("10.0.0.1:7443")),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            gateway_ip(&p("[fd00::1]:7443")),
+            Some("fd00::1".parse().unwrap())
+        );
         assert_eq!(gateway_ip(&p("gw.example:7443")), None);
         assert_eq!(gateway_ip(&p("")), None);
     }

@@ -206,6 +206,15 @@ impl Agent {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// The agent's DNS address (`--dns`), from its ready file.
+    pub fn dns_addr(&self) -> Result<SocketAddr> {
+        let v = self.ready_json()?;
+        v.get("dns")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok())
+            .with_context(|| format!("agent {}: no \"dns\" in its ready file: {v}", self.pop))
+    }
+
     /// Waits until the ready file satisfies `ok`; returns it.
     pub async fn wait_ready_json(
         &self,

@@ -91,6 +91,13 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node's ready file as JSON (`dns` is there with `--dns`).
+    pub fn ready_json(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&fs::read_to_string(
+            &self.ready_file,
+        )?)?)
+    }
+
     /// True while the process runs (it was started and has not exited).
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

@@ -270,6 +270,15 @@ async fn tiers_in_order_then_failover_with_every_hub_down() -> Result<()> {
         assert_eq!(served_by(&answer, &p), Some("b"), "{len} bytes");
     }
 
+    // The hub recorded B's tunnel address as its gateway announced it.
+    let shown: Value = serde_json::from_slice(
+        &w.c.run_cli_ok(["pop", "show", "pop-b", "-o", "json"])
+            .await?,
+    )?;
+    let b_ready = w.b.ready_json()?;
+    assert_eq!(shown["gateway_addr"], b_ready["gateway_advertise"]);
+    assert_eq!(b_ready["gateway_advertise"], b_ready["gateway_tunnel"]);
+
     // Every hub node down: A keeps its view and B still serves.
     w.c.kill(1)?;
     let p = payload(4096, 9);

@@ -203,6 +203,8 @@ fn pop_json(p: &pb::Pop) -> Value {
         "created_index": p.created_index,
         "updated_index": p.updated_index,
         "created_at_ms": p.created_at_ms,
+        "vip_cidr": p.vip_cidr,
+        "gateway_addr": p.gateway_addr,
     })
 }
 
@@ -491,6 +493,12 @@ pub async fn pop(g: &Global, c: PopCmd) -> Result<()> {
                         p.created_index
                     );
                     println!("updated:  log index {}", p.updated_index);
+                    println!("vips:     {}", p.vip_cidr);
+                    if p.gateway_addr.is_empty() {
+                        println!("gateway:  (none announced)");
+                    } else {
+                        println!("gateway:  {}", p.gateway_addr);
+                    }
                 }
             }
         }

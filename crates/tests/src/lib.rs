@@ -242,13 +242,13 @@ impl Cluster {
                 .map_err(|s| anyhow!("creating a hub join token: {s}"))?
                 .into_inner()
                 .token;
+            // No --node-id: the cluster gives the lowest unused id, which
+            // add_node checks is `id`.
             let args = vec![
                 "--join".to_string(),
                 c.nodes[0].grpc.to_string(),
                 "--token".into(),
                 token,
-                "--node-id".into(),
-                id.to_string(),
             ];
             c.add_node(id, args).await?;
         }

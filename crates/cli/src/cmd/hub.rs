@@ -28,12 +28,14 @@ pub struct HubArgs {
     #[arg(long)]
     pub domain: Option<String>,
     /// gRPC address of a member to join through.
-    #[arg(long, requires_all = ["token", "node_id"], conflicts_with = "bootstrap")]
+    #[arg(long, requires = "token", conflicts_with = "bootstrap")]
     pub join: Option<String>,
     /// Hub join token (`switchyard token create --hub`).
     #[arg(long, env = "SWITCHYARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// This node's id: a number >= 1, unique in the hub cluster (bootstrap is 1).
+    /// This node's id: a number >= 1, unique in the hub cluster (bootstrap
+    /// is 1). With --join it may be left out: the cluster then gives the
+    /// lowest id it never used.
     #[arg(long)]
     pub node_id: Option<u64>,
     /// Data directory: Raft store, certificates, node record.
@@ -115,9 +117,10 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
                 .unwrap_or_else(|| a.data_dir.join("admin.toml")),
         }
     } else if let Some(addr) = &a.join {
-        let (Some(token), Some(node_id)) = (a.token.clone(), a.node_id) else {
-            bail!("--join needs --token T and --node-id N");
+        let Some(token) = a.token.clone() else {
+            bail!("--join needs --token T (from `switchyard token create --hub`)");
         };
+        let node_id = a.node_id.unwrap_or(0);
         StartMode::Join {
             addr: addr.clone(),
             token,

@@ -175,9 +175,25 @@ impl Admin for AdminService {
             .hub
             .local(|s| s.federation.clone())
             .ok_or_else(|| Status::unavailable("federation not initialised yet"))?;
+        let (members, _) = members(&self.hub);
+        let used = self.hub.local(|s| {
+            let tokens = s
+                .tokens
+                .values()
+                .filter(|t| t.consumed && t.kind == pb::TokenKind::Hub as i32)
+                .filter_map(|t| t.consumed_by.strip_prefix("hub/")?.parse::<u64>().ok());
+            let revoked = s
+                .revocations
+                .values()
+                .filter(|r| r.kind == pb::RevocationKind::Hub as i32)
+                .filter_map(|r| r.subject.parse::<u64>().ok());
+            tokens.chain(revoked).max().unwrap_or(0)
+        });
+        let next_node_id = members.iter().map(|m| m.id).max().unwrap_or(0).max(used) + 1;
         Ok(Response::new(pb::FederationInfo {
             domain: fed.domain,
             ca_cert_pem: fed.ca_cert_pem,
+            next_node_id,
         }))
     }
 

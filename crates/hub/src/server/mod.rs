@@ -58,7 +58,8 @@ pub enum StartMode {
         addr: String,
         /// Token from `switchyard token create --hub`.
         token: String,
-        /// This node's id (>= 1, unique in the cluster).
+        /// This node's id (>= 1, unique in the cluster); 0: the lowest id
+        /// the cluster never used (`FederationInfo.next_node_id`).
         node_id: u64,
     },
     /// Start from the data dir of a node that bootstrapped or joined before.
@@ -531,12 +532,21 @@ async fn join_cluster(
         switchyard_pki::ca_pinned_client_config(&parsed.ca_fingerprint(), vec![ALPN_H2.to_vec()])?;
     let channel = channel::tls_channel(addr, Arc::new(tls)).map_err(|e| jerr(e.to_string()))?;
     let mut client = AdminClient::new(channel);
-    let domain = client
+    let fed = client
         .federation(pb::Empty {})
         .await
         .map_err(|s| jerr(s.message().to_string()))?
-        .into_inner()
-        .domain;
+        .into_inner();
+    let domain = fed.domain;
+    let node_id = match node_id {
+        0 if fed.next_node_id == 0 => {
+            return Err(jerr(
+                "this hub does not assign node ids (an older version): give --node-id N".into(),
+            ))
+        }
+        0 => fed.next_node_id,
+        n => n,
+    };
     let (csr_pem, key_pem) = switchyard_pki::generate_csr(&SpiffeId::hub(&domain, node_id)?)?;
     let resp = client
         .join(pb::JoinRequest {

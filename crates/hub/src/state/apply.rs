@@ -218,6 +218,20 @@ impl State {
     /// The compare-and-swap at the heart of enrolment: exactly one consumer
     /// of a token ever wins, because every node applies the same log.
     fn consume_token(&mut self, index: u64, c: &pb::ConsumeToken) -> pb::CommandResult {
+        // A hub node id is given out once: two nodes joining at the same
+        // time with the same id cannot both get a certificate for it.
+        if c.kind == pb::TokenKind::Hub as i32
+            && self
+                .tokens
+                .values()
+                .any(|t| t.consumed && t.kind == c.kind && t.consumed_by == c.consumer)
+        {
+            return result_err(
+                index,
+                ErrorCode::AlreadyExists,
+                format!("{} was already given to another joining node", c.consumer),
+            );
+        }
         let Some(t) = self.tokens.get_mut(&c.id) else {
             return result_err(index, ErrorCode::NotFound, "unknown join token");
         };

@@ -252,3 +252,38 @@ fn pop_gateway_refusals() {
     assert_eq!(s.pops["fra"].gateway_addr, "");
     assert_eq!(s.pops["fra"].updated_index, 2);
 }
+
+#[test]
+fn a_hub_node_id_is_given_to_one_joining_node_only() {
+    let hub = |t: pb::Command| match t.kind {
+        Some(Kind::IssueToken(mut i)) => {
+            if let Some(tok) = i.token.as_mut() {
+                tok.kind = pb::TokenKind::Hub as i32;
+                tok.pop.clear();
+            }
+            cmd(Kind::IssueToken(i))
+        }
+        Some(Kind::ConsumeToken(mut c)) => {
+            c.kind = pb::TokenKind::Hub as i32;
+            cmd(Kind::ConsumeToken(c))
+        }
+        other => pb::Command { kind: other },
+    };
+    let mut s = State::default();
+    s.apply(1, &init());
+    s.apply(2, &hub(token("t1", H, 100)));
+    s.apply(3, &hub(token("t2", H2, 100)));
+    assert_eq!(
+        code(&s.apply(4, &hub(consume("t1", H, 1, "hub/2")))),
+        ErrorCode::None
+    );
+    // A second node racing for id 2 with its own valid token loses, and
+    // its token stays unspent.
+    let r = s.apply(5, &hub(consume("t2", H2, 1, "hub/2")));
+    assert_eq!(code(&r), ErrorCode::AlreadyExists, "{}", r.message);
+    assert!(!s.tokens["t2"].consumed);
+    assert_eq!(
+        code(&s.apply(6, &hub(consume("t2", H2, 1, "hub/3")))),
+        ErrorCode::None
+    );
+}

@@ -759,7 +759,12 @@ async fn a_pop_whose_address_changes_stays_connected() -> Result<()> {
         })
         .await?;
     assert_eq!(ack.seq, 1);
-    wait_for(|| sessions().first().is_some_and(|s| s.remote_addr == after.to_string())).await?;
+    wait_for(|| {
+        sessions()
+            .first()
+            .is_some_and(|s| s.remote_addr == after.to_string())
+    })
+    .await?;
     assert_eq!(sessions().len(), 1, "one session, not a reconnect");
     assert_eq!(live(), pb::PopLiveness::Online);
     assert_eq!(

@@ -806,6 +806,11 @@ impl Shell {
                     }
                 }
                 Some(job) = link.csrs.recv(), if csr_free => {
+                    if job.reply.is_closed() {
+                        // The requester gave up (timed out while the uplink
+                        // was down): nobody would receive the certificate.
+                        continue;
+                    }
                     match session.request_gateway_certificate(&job.instance, job.csr_pem) {
                         Ok(id) => {
                             tracing::info!(request_id = id, instance = job.instance, "requesting a gateway certificate");

@@ -90,6 +90,66 @@ struct Report {
     rss_kib_at_rss_names: u64,
     throughput_budget: &'static str,
     rss_budget: &'static str,
+    /// From a new view sent on the watch (as the agent publishes it) to
+    /// the first UDP answer built from it, over `view_trials` trials with
+    /// `services` services, microseconds.
+    view_to_answer_p50_us: f64,
+    view_to_answer_p99_us: f64,
+    view_to_answer_max_us: f64,
+    view_budget: &'static str,
+}
+
+/// Measures how long a new view takes to reach answers: the same path as
+/// the agent (a view watch, `server::follow`, `DnsServer`), in-process.
+fn view_to_answer(services: usize, trials: usize) -> Result<Vec<f64>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut v = view(services);
+        let (tx, rx) = tokio::sync::watch::channel(Some(v.clone()));
+        let (tables, _task) = switchyard_dns::server::follow(rx, |v: &Option<pb::PopView>| {
+            switchyard_dns::zone::build(v.as_ref()).ok()
+        });
+        let server = switchyard_dns::DnsServer::bind(
+            switchyard_dns::DnsConfig {
+                listen: "127.0.0.1:0".parse()?,
+                udp_workers: 1,
+                ..Default::default()
+            },
+            tables,
+        )
+        .await?;
+        let addr = server.local_addr();
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        // The epoch TXT: its answer changes with every view.
+        let mut q = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x05epoch\x0aswitchyard\x0aclusterset\x05local\x00\x00\x10\x00\x01");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        for i in 0..trials {
+            v.epoch += 1;
+            let want = v.epoch.to_string();
+            let start = Instant::now();
+            tx.send_replace(Some(v.clone()));
+            loop {
+                q[0..2].copy_from_slice(&(i as u16).to_be_bytes());
+                sock.send_to(&q, addr).await?;
+                let n = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await??;
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if text.ends_with(&want) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(5) {
+                    bail!("view epoch {want} never answered");
+                }
+            }
+            out.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        server.shutdown();
+        Ok(out)
+    })
 }
 
 fn addr_of(i: usize) -> String {
@@ -427,6 +487,14 @@ fn main() -> Result<()> {
         })
         .unwrap_or(0);
 
+    let mut lat = view_to_answer(args.services, 50)?;
+    lat.sort_by(f64::total_cmp);
+    let (v50, v99, vmax) = (
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+    );
+
     let ours = results[0].queries_per_cpu_s;
     let knot = results[1].queries_per_cpu_s;
     let ratio = if knot > 0.0 { ours / knot } else { 0.0 };
@@ -441,7 +509,15 @@ fn main() -> Result<()> {
         throughput_budget: verdict(ratio >= 0.5),
         rss_budget: verdict(rss_big <= 10 * 1024),
         results,
+        view_to_answer_p50_us: v50,
+        view_to_answer_p99_us: v99,
+        view_to_answer_max_us: vmax,
+        view_budget: verdict(vmax <= 100_000.0),
     };
+    println!(
+        "new view to answers ({} services, 50 trials): p50 {v50:.0} us, p99 {v99:.0} us, max {vmax:.0} us (budget <= 100 ms: {})",
+        args.services, report.view_budget
+    );
     println!(
         "switchyard / knot queries per CPU-second: {ratio:.2}x (budget >= 0.5x: {})",
         report.throughput_budget

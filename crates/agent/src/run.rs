@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// `clusterset.local.` built from the served view; port 0 picks a free
     /// port; `None`: no DNS.
     pub dns: Option<SocketAddr>,
+    /// Per-source limit on DNS answers over UDP (answers per second, burst
+    /// twice that); `None`: unlimited.
+    pub dns_rate_limit: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -122,6 +125,7 @@ impl Default for AgentConfig {
             renewal_retry: Duration::from_secs(60),
             gateway_api: None,
             dns: None,
+            dns_rate_limit: None,
         }
     }
 }
@@ -314,6 +318,13 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             tasks.push(task);
             let dns_cfg = switchyard_dns::DnsConfig {
                 listen: addr,
+                rate_limit: cfg.dns_rate_limit.map(|qps| {
+                    switchyard_dns::limits::RateLimitConfig {
+                        per_second: qps,
+                        burst: qps.saturating_mul(2),
+                        ..Default::default()
+                    }
+                }),
                 ..Default::default()
             };
             let server = switchyard_dns::DnsServer::bind(dns_cfg, tables)

@@ -432,3 +432,39 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_server_keeps_serving()
     assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1);
     assert_eq!(short(s.addr, ORDERS, "A").await, ["127.77.0.5"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optional_rate_limit_drops_a_flooding_source() {
+    let (_views, rx) = tokio::sync::watch::channel(Some(sample_view()));
+    let (tables, _task) =
+        switchyard_dns::server::follow(rx, |v: &Option<switchyard_proto::pb::PopView>| {
+            switchyard_dns::zone::build(v.as_ref()).ok()
+        });
+    let cfg = switchyard_dns::DnsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        udp_workers: 1,
+        rate_limit: Some(switchyard_dns::limits::RateLimitConfig {
+            per_second: 1,
+            burst: 5,
+            max_sources: 16,
+        }),
+        ..Default::default()
+    };
+    let server = switchyard_dns::DnsServer::bind(cfg, tables).await.unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(server.local_addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let q = raw_query(&wire(ORDERS), 1, None);
+    let start = std::time::Instant::now();
+    let answered = (0..30).filter(|_| exchange(&sock, &q).is_some()).count();
+    // The burst is answered; beyond it, at most the refill of the elapsed
+    // time (1 per second).
+    let refill = start.elapsed().as_secs() as usize + 1;
+    assert!(answered >= 5, "burst answered: {answered}");
+    assert!(
+        answered <= 5 + refill,
+        "{answered} answered in {:?}",
+        start.elapsed()
+    );
+}

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use switchyard_dns::answers::AnswerTable;
 use switchyard_dns::global::{self, GlobalInput, GlobalPop, GlobalService, SUBNETS_LABEL};
+use switchyard_dns::limits::RateLimitConfig;
 use switchyard_dns::{DnsConfig, DnsServer};
 use switchyard_proto::pb;
 use tokio::sync::watch;
@@ -135,6 +136,9 @@ pub struct GlobalDnsConfig {
     pub zone: String,
     /// UDP and TCP listen address; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Per-source limit on UDP answers (answers per second, burst twice
+    /// that); `None`: unlimited.
+    pub rate_limit: Option<u32>,
 }
 
 /// Why the global zone could not start.
@@ -197,6 +201,11 @@ pub async fn start(hub: Hub, cfg: GlobalDnsConfig) -> Result<GlobalDns, GlobalDn
     let addr = cfg.listen;
     let dns = DnsConfig {
         listen: addr,
+        rate_limit: cfg.rate_limit.map(|qps| RateLimitConfig {
+            per_second: qps,
+            burst: qps.saturating_mul(2),
+            ..RateLimitConfig::default()
+        }),
         ..DnsConfig::default()
     };
     let server = DnsServer::bind(dns, tables.clone())

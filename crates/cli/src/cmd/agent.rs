@@ -70,6 +70,10 @@ pub struct AgentArgs {
     /// "dns"). Off by default.
     #[arg(long)]
     pub dns: Option<SocketAddr>,
+    /// Per-source limit on DNS answers over UDP (answers per second, burst
+    /// twice that; queries over it are dropped). Default: unlimited.
+    #[arg(long, requires = "dns")]
+    pub dns_rate_limit: Option<u32>,
     /// Run this POP's gateway inside the agent process (same code as
     /// `switchyard gateway`; the gateway options below apply).
     #[arg(long)]
@@ -100,6 +104,7 @@ pub async fn run(_g: &Global, a: AgentArgs) -> Result<()> {
         first_export_grace: a.first_export_grace,
         gateway_api: a.gateway_api,
         dns: a.dns,
+        dns_rate_limit: a.dns_rate_limit,
         ..AgentConfig::default()
     };
     std::fs::create_dir_all(&a.data_dir)

@@ -81,6 +81,10 @@ pub struct HubArgs {
     /// answers with POP gateway addresses.
     #[arg(long, requires = "dns")]
     pub global_zone: Option<String>,
+    /// Per-source limit on global zone answers over UDP (answers per
+    /// second, burst twice that). Default: unlimited.
+    #[arg(long, requires = "dns")]
+    pub dns_rate_limit: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,6 +165,7 @@ pub async fn run(g: &Global, a: HubArgs) -> Result<()> {
                 switchyard_hub::global_dns::GlobalDnsConfig {
                     zone: zone.clone(),
                     listen,
+                    rate_limit: a.dns_rate_limit,
                 },
             )
             .await

@@ -161,6 +161,7 @@ async fn run_federation(_g: &Global, a: DevArgs) -> Result<()> {
             switchyard_hub::global_dns::GlobalDnsConfig {
                 zone: GLOBAL_ZONE.into(),
                 listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                rate_limit: None,
             },
         )
         .await

@@ -207,7 +207,9 @@ impl RunningAgent {
             t.abort();
         }
         if let Some(dns) = self.dns {
-            dns.shutdown();
+            // Joins the UDP worker threads (each wakes within its receive
+            // timeout): blocking, so off the async workers.
+            let _ = tokio::task::spawn_blocking(move || dns.shutdown()).await;
         }
     }
 }

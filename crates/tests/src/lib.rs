@@ -483,6 +483,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// The replicated state as stopped node `id` left it on disk: its
+    /// last snapshot with every logged command after it applied (right for
+    /// a one-node cluster, whose logged entries are all committed).
+    pub async fn stopped_state(&self, id: u64) -> Result<switchyard_hub::state::State> {
+        let n = &self.nodes[self.idx(id)?];
+        if n.child.is_some() {
+            bail!("hub node {id} is running: stop it first");
+        }
+        let path = n.data_dir.join("raft.redb");
+        let backend = Arc::new(
+            RedbBackend::open(&path).map_err(|e| anyhow!("opening {}: {e}", path.display()))?,
+        );
+        let sm = StateMachineStore::open(backend.clone())
+            .await
+            .map_err(|e| anyhow!("opening the state machine: {e}"))?;
+        let from = sm.applied().last_applied.map_or(0, |l| l.index);
+        let mut state = sm.read(|s| s.clone());
+        let entries = backend
+            .scan(switchyard_hub::store::backend::Table::Log, &[], None)
+            .map_err(|e| anyhow!("scanning the log: {e}"))?;
+        for (_, v) in entries {
+            let e = pb::Entry::decode(v.as_slice())?;
+            let index = e.log_id.as_ref().map_or(0, |l| l.index);
+            if index <= from {
+                continue;
+            }
+            if let Some(pb::entry::Payload::Command(c)) = e.payload {
+                state.apply(index, &c);
+            }
+        }
+        Ok(state)
+    }
+
     /// Stops node `id` with SIGTERM and waits for it to exit.
     pub async fn stop(&mut self, id: u64) -> Result<()> {
         let i = self.idx(id)?;

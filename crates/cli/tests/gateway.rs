@@ -386,7 +386,7 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_gateway_process_and_refusals() -> Result<()> {
-    let w = world(vec!["--gateway-api".into(), "127.0.0.1:0".into()]).await?;
+    let mut w = world(vec!["--gateway-api".into(), "127.0.0.1:0".into()]).await?;
     let mut gw = GatewayProcess::start(
         bin(),
         w.dir.path(),
@@ -486,8 +486,18 @@ async fn separate_gateway_process_and_refusals() -> Result<()> {
         !matches!(refused, Ok(Some(0))),
         "a certificate of another CA was served: {refused:?}"
     );
-    if std::thread::panicking() {
-        eprintln!("{}", log_tail(&gw.log, 30));
+
+    // A's agent dies: its separate gateway keeps the last view and serves.
+    w.a.kill();
+    for i in 0..3u8 {
+        let p = payload(8192, i);
+        let answer = call(vip, &p).await?;
+        assert_eq!(
+            served_by(&answer, &p),
+            Some("b"),
+            "call {i} with A's agent gone\n{}",
+            log_tail(&gw.log, 20)
+        );
     }
     gw.kill();
     Ok(())

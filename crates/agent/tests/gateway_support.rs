@@ -235,6 +235,33 @@ async fn gateway_identity_address_and_rtts_through_the_agent() -> anyhow::Result
         addr(&hub) == "127.0.0.1:7444"
     })
     .await;
+    // An oversized request is refused by the agent from its length (a
+    // client without our client's own limit), and the API serves on.
+    let value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = secret.trim().parse()?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{api}"))?
+        .connect()
+        .await?;
+    let mut raw = pb::local_gateway_client::LocalGatewayClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert(local_api::SECRET_HEADER, value.clone());
+            Ok(req)
+        },
+    );
+    let huge = raw
+        .gateway_report(pb::GatewayReportRequest {
+            instance: "gw0".into(),
+            tunnel_addr: "x".repeat(local_api::MAX_REQUEST + 1),
+            samples: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::OutOfRange, "{huge}");
+    raw.gateway_identity(pb::GatewayIdentityRequest {
+        instance: "gw0".into(),
+    })
+    .await?;
     // A change of the POP record is a new view on the stream.
     let next = tokio::time::timeout(Duration::from_secs(10), views.message())
         .await??

@@ -502,3 +502,41 @@ async fn separate_gateway_process_and_refusals() -> Result<()> {
     gw.kill();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_command_refuses_bad_input_clearly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .arg("gateway")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+    };
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "abc\n")?;
+    let s = secret.to_str().context("path")?;
+    let out = run(&["--instance", "Bad_Name", "--secret-file", s])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--instance"), "{err}");
+
+    let missing = dir.path().join("missing");
+    let out = run(&["--secret-file", missing.to_str().context("path")?])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("secret"), "{err}");
+
+    // Nothing listens there: a clear error, not a hang.
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let free = l.local_addr()?.to_string();
+    drop(l);
+    let out = run(&["--agent", &free, "--secret-file", s])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("local API"), "{err}");
+
+    let out = run(&["--vip-bind", "somewhere", "--secret-file", s])?;
+    assert!(!out.status.success());
+    Ok(())
+}

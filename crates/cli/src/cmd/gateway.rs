@@ -232,11 +232,8 @@ pub async fn start(
     view: watch::Receiver<Option<pb::PopView>>,
     ready: Option<(PathBuf, Map<String, Value>)>,
 ) -> Result<Gateway> {
-    if switchyard_pki::SpiffeId::gateway("example.org", "pop", &opts.instance).is_err() {
-        bail!(
-            "--instance {:?} is not a DNS label (a-z, 0-9, '-')",
-            opts.instance
-        );
+    if let Err(e) = switchyard_pki::identity::validate_label("gateway instance", &opts.instance) {
+        bail!("--instance: {e}");
     }
     let identity = identity_with_retry(&link, &opts.instance).await;
     let mut cfg = GatewayConfig::new(
@@ -444,6 +441,10 @@ fn follow_views(client: local_api::Client) -> watch::Receiver<Option<pb::PopView
 }
 
 pub async fn run(_g: &Global, a: GatewayArgs) -> Result<()> {
+    // Bad input is refused before anything is dialled or read.
+    if let Err(e) = switchyard_pki::identity::validate_label("gateway instance", &a.opts.instance) {
+        bail!("--instance: {e}");
+    }
     let secret = std::fs::read_to_string(&a.secret_file).with_context(|| {
         format!(
             "cannot read the agent's secret {} (in the agent's data dir; the agent creates it when started with --gateway-api)",

@@ -365,8 +365,12 @@ async fn tcp_conn(
         let mut framed = Vec::with_capacity(out.len() + 2);
         framed.extend_from_slice(&olen.to_be_bytes());
         framed.extend_from_slice(&out);
-        if let Err(e) = stream.write_all(&framed).await {
-            break Err(e);
+        // A client that does not read its answers holds a connection
+        // slot: bounded like an idle one.
+        match tokio::time::timeout(idle, stream.write_all(&framed)).await {
+            Err(_) => break Ok(()),
+            Ok(Err(e)) => break Err(e),
+            Ok(Ok(())) => {}
         }
     };
     counts.flush("tcp");

@@ -468,3 +468,55 @@ async fn the_optional_rate_limit_drops_a_flooding_source() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_pipelines_and_closes_only_a_bad_stream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = serve(sample_view()).await;
+    let frame = |q: &[u8]| {
+        let mut f = (q.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(q);
+        f
+    };
+    let read_answer = |mut c: tokio::net::TcpStream| async move {
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len).await?;
+        let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+        c.read_exact(&mut a).await?;
+        std::io::Result::Ok((c, a))
+    };
+    // Two queries in one write: two answers, in order.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut q1 = raw_query(&wire(ORDERS), 1, None);
+    q1[0..2].copy_from_slice(&[0, 1]);
+    let mut q2 = raw_query(&wire("big.shop.svc.clusterset.local."), 1, None);
+    q2[0..2].copy_from_slice(&[0, 2]);
+    let mut both = frame(&q1);
+    both.extend_from_slice(&frame(&q2));
+    c.write_all(&both).await.unwrap();
+    let (c, a1) = read_answer(c).await.unwrap();
+    let (_c, a2) = read_answer(c).await.unwrap();
+    assert_eq!(&a1[0..2], &[0, 1]);
+    assert_eq!(&a2[0..2], &[0, 2]);
+    assert_eq!(u16::from_be_bytes([a2[6], a2[7]]), 100, "all 100 over TCP");
+    // A frame over the size limit closes that stream, unread.
+    let mut bad = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    bad.write_all(&[0xff, 0xff]).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // A malformed query over TCP: FORMERR, and the stream stays usable.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut q = q1.clone();
+    q[5] = 2;
+    c.write_all(&frame(&q)).await.unwrap();
+    let (mut c, a) = read_answer(c).await.unwrap();
+    assert_eq!(a[3] & 0x0f, 1);
+    c.write_all(&frame(&q1)).await.unwrap();
+    let (_c, a) = read_answer(c).await.unwrap();
+    assert_eq!(a[3] & 0x0f, 0);
+    assert_eq!(short(s.addr, ORDERS, "A").await, ["127.77.0.5"]);
+}

@@ -17,6 +17,7 @@
 //! to it through channels ([`GatewayLink`]) and never blocks it.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -240,7 +241,13 @@ impl GatewaySupport {
         samples.truncate(MAX_RTT_SAMPLES);
         if !samples.is_empty() {
             // Full: the uplink is down or slow; the next report is as good.
-            let _ = self.inner.rtts.try_send(samples);
+            if self.inner.rtts.try_send(samples).is_ok() {
+                self.inner
+                    .status
+                    .counters
+                    .gateway_rtt_reports
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -260,8 +267,14 @@ impl GatewaySupport {
                 return Ok(s.clone());
             }
         }
+        let counters = &self.inner.status.counters;
         match self.issue(instance, &id).await {
-            Ok(fresh) => Ok(fresh),
+            Ok(fresh) => {
+                counters
+                    .gateway_certs_issued
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(fresh)
+            }
             Err(reason) => match stored {
                 Some(s) if now < s.not_after => {
                     tracing::warn!(
@@ -271,10 +284,15 @@ impl GatewaySupport {
                     );
                     Ok(s)
                 }
-                _ => Err(GatewayIdentityError::Unavailable {
-                    instance: instance.to_string(),
-                    reason,
-                }),
+                _ => {
+                    counters
+                        .gateway_certs_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    Err(GatewayIdentityError::Unavailable {
+                        instance: instance.to_string(),
+                        reason,
+                    })
+                }
             },
         }
     }

@@ -78,6 +78,13 @@ pub struct Counters {
     pub uplink_udp_tx_bytes: AtomicU64,
     /// UDP payload bytes received on uplink connections.
     pub uplink_udp_rx_bytes: AtomicU64,
+    /// Gateway certificates issued by the hub through this agent.
+    pub gateway_certs_issued: AtomicU64,
+    /// Gateway identity requests that got no certificate (hub refused or
+    /// unreachable, and nothing valid stored).
+    pub gateway_certs_failed: AtomicU64,
+    /// RTT sample batches from gateways passed to the uplink.
+    pub gateway_rtt_reports: AtomicU64,
 }
 
 /// What the agent knows about itself, shared with the HTTP handlers.
@@ -260,6 +267,24 @@ impl Status {
             "counter",
             "UDP bytes received on uplink connections (QUIC statistics).",
             get(&c.uplink_udp_rx_bytes),
+        );
+        metric(
+            "switchyard_agent_gateway_certs_issued_total",
+            "counter",
+            "Gateway certificates issued by the hub through this agent.",
+            get(&c.gateway_certs_issued),
+        );
+        metric(
+            "switchyard_agent_gateway_certs_failed_total",
+            "counter",
+            "Gateway identity requests answered with no certificate.",
+            get(&c.gateway_certs_failed),
+        );
+        metric(
+            "switchyard_agent_gateway_rtt_reports_total",
+            "counter",
+            "RTT sample batches from gateways passed to the uplink.",
+            get(&c.gateway_rtt_reports),
         );
         out
     }

@@ -144,6 +144,13 @@ async fn gateway_identity_address_and_rtts_through_the_agent() -> anyhow::Result
     assert_ne!(second.cert_pem, first.cert_pem);
     assert_ne!(second.key_pem, first.key_pem);
     assert!(second.renew_at > first.renew_at);
+    assert_eq!(
+        a.status
+            .counters
+            .gateway_certs_issued
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
 
     // The tunnel address reaches the POP's record; RTTs the hub's state.
     gw.report("127.0.0.1:7443", Vec::new()).await?;

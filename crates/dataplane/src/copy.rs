@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -131,31 +131,44 @@ fn count(act: &Activity, total: &AtomicU64, conn: &AtomicU64, n: usize) {
 }
 
 async fn pump_tcp(
-    r: OwnedReadHalf,
+    mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
     size: usize,
     act: &Activity,
     total: &AtomicU64,
     conn: &AtomicU64,
 ) -> io::Result<u64> {
+    // Bulk mode: once a read fills the whole buffer, the direction moves
+    // to splice(2) through a pipe (no copy through user space).
+    let mut pipe: Option<splice::Pipe> = None;
     loop {
-        r.readable().await?;
-        let mut buf = Vec::with_capacity(size);
-        loop {
-            match r.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    // Half-close: pass the EOF on, keep the other way open.
-                    w.shutdown().await?;
-                    return Ok(conn.load(Relaxed));
-                }
-                Ok(n) => {
-                    w.write_all(&buf).await?;
-                    buf.clear();
-                    count(act, total, conn, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+        if let Some(p) = &pipe {
+            let n = p.fill_from(r.as_ref()).await?;
+            if n == 0 {
+                w.shutdown().await?;
+                return Ok(conn.load(Relaxed));
             }
+            p.drain_to(w.as_ref(), n).await?;
+            count(act, total, conn, n);
+            continue;
+        }
+        // No buffer is held while the socket is quiet.
+        r.readable().await?;
+        let mut buf = pool::take(size);
+        // `read_buf` (not `try_read`) clears readiness after a short read:
+        // no extra read just to learn the socket is empty.
+        let n = r.read_buf(&mut buf).await?;
+        if n == 0 {
+            pool::give(buf);
+            // Half-close: pass the EOF on, keep the other way open.
+            w.shutdown().await?;
+            return Ok(conn.load(Relaxed));
+        }
+        w.write_all(&buf).await?;
+        pool::give(buf);
+        count(act, total, conn, n);
+        if n == size {
+            pipe = splice::Pipe::new().ok();
         }
     }
 }
@@ -168,29 +181,20 @@ async fn pump_tcp_to_quic(
     total: &AtomicU64,
     conn: &AtomicU64,
 ) -> io::Result<u64> {
+    let mut r = r;
     let res = async {
         loop {
             r.readable().await?;
             let mut buf = BytesMut::with_capacity(size);
-            loop {
-                match r.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        send.finish().map_err(io::Error::other)?;
-                        return Ok(conn.load(Relaxed));
-                    }
-                    Ok(n) => {
-                        send.write_chunk(buf.split().freeze())
-                            .await
-                            .map_err(io::Error::from)?;
-                        count(act, total, conn, n);
-                        if buf.capacity() < size / 4 {
-                            buf = BytesMut::with_capacity(size);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
+            let n = r.read_buf(&mut buf).await?;
+            if n == 0 {
+                send.finish().map_err(io::Error::other)?;
+                return Ok(conn.load(Relaxed));
             }
+            send.write_chunk(buf.freeze())
+                .await
+                .map_err(io::Error::from)?;
+            count(act, total, conn, n);
         }
     }
     .await;
@@ -225,5 +229,129 @@ async fn pump_quic_to_tcp(
                 return Err(io::Error::from(e));
             }
         }
+    }
+}
+
+/// splice(2) between sockets through a pipe.
+#[allow(unsafe_code)]
+mod splice {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// Most bytes moved per splice call; also the pipe size asked for.
+    const CHUNK: usize = 256 * 1024;
+
+    /// A non-blocking pipe.
+    pub struct Pipe {
+        r: OwnedFd,
+        w: OwnedFd,
+    }
+
+    fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+        // SAFETY: splice(2) only reads its integer and flag arguments; the
+        // offsets are null, which is what the kernel requires for pipes
+        // and sockets. `from` and `to` are descriptors borrowed from
+        // objects the caller keeps alive for the call, so they cannot be
+        // closed or reused meanwhile. No memory of ours is accessed.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    impl Pipe {
+        /// A new pipe (two descriptors, closed on drop).
+        pub fn new() -> io::Result<Self> {
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe2 writes exactly two descriptors into the
+            // two-element array we pass; nothing else is touched.
+            let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: both descriptors were just created by pipe2 and are
+            // owned by nobody else; OwnedFd becomes their only owner.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // A bigger pipe moves more per call; failure only costs speed.
+            // SAFETY: fcntl on a descriptor we own, integer argument only.
+            unsafe {
+                libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int);
+            }
+            Ok(Self { r, w })
+        }
+
+        /// Moves what `from` has (up to CHUNK) into the pipe; 0 at EOF.
+        pub async fn fill_from(&self, from: &TcpStream) -> io::Result<usize> {
+            loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || {
+                    splice(from.as_raw_fd(), self.w.as_raw_fd(), CHUNK)
+                }) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        /// Moves exactly `n` bytes from the pipe into `to`.
+        pub async fn drain_to(&self, to: &TcpStream, mut n: usize) -> io::Result<()> {
+            while n > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(self.r.as_raw_fd(), to.as_raw_fd(), n)
+                }) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(k) => n -= k.min(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copy buffers reused across connections (per thread): no allocation per
+/// read, and none held by quiet connections.
+mod pool {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer with at least `size` bytes of capacity.
+    pub fn take(size: usize) -> Vec<u8> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .filter(|b| b.capacity() >= size)
+            .unwrap_or_else(|| Vec::with_capacity(size))
+    }
+
+    /// Returns a buffer (on an error path it is simply dropped).
+    pub fn give(mut b: Vec<u8>) {
+        b.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(b);
+            }
+        });
     }
 }

@@ -144,6 +144,12 @@ impl Shared {
         lock(&self.peers).get(pop).is_some_and(|e| e.peer.is_up())
     }
 
+    pub fn peer_connected(&self, pop: &str) -> bool {
+        lock(&self.peers)
+            .get(pop)
+            .is_some_and(|e| e.peer.is_connected())
+    }
+
     pub fn client_config(&self, pop: &str) -> Result<quinn::ClientConfig, GatewayError> {
         let id = lock(&self.identity).clone();
         crate::tls::client_config(&id, pop, &self.cfg.limits)

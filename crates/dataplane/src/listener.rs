@@ -72,9 +72,16 @@ async fn serve_client(
     };
     let limits = &shared.cfg.limits;
     let seed = shared.next_seed();
-    let attempts = plan(route, port, seed, limits.max_attempts.max(1), |pop| {
+    let mut attempts = plan(route, port, seed, limits.max_attempts.max(1), |pop| {
         shared.peer_usable(pop)
     });
+    if attempts.is_empty() {
+        // Every target is down: trying a peer the prober doubts (over a
+        // live tunnel) beats refusing the client outright.
+        attempts = plan(route, port, seed, limits.max_attempts.max(1), |pop| {
+            shared.peer_connected(pop)
+        });
+    }
     // A down peer skipped up front is a local failover too.
     let ideal = plan(route, port, seed, 1, |_| true);
     if ideal.first().map(Attempt::tier) != attempts.first().map(Attempt::tier) {

@@ -58,6 +58,11 @@ impl Peer {
         *self.up.borrow()
     }
 
+    /// Whether a tunnel connection exists now (up or not).
+    pub fn is_connected(&self) -> bool {
+        lock(&self.conn).is_some()
+    }
+
     /// `(srtt, loss per mille)` now.
     pub fn rtt(&self) -> (Option<Duration>, u32) {
         let h = lock(&self.health);
@@ -120,9 +125,19 @@ impl Peer {
                 None => Err(OpenError::Tunnel),
             }
         };
+        // A peer going down while we wait ends the wait; a peer already
+        // down (tried as a last resort) only has the timeout.
+        let was_up = *up.borrow_and_update();
+        let went_down = async {
+            if was_up {
+                let _ = up.wait_for(|u| !*u).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let res = tokio::select! {
             r = tokio::time::timeout(timeout, attempt) => r.unwrap_or(Err(OpenError::Tunnel)),
-            _ = up.wait_for(|u| !*u) => Err(OpenError::PeerDown),
+            _ = went_down => Err(OpenError::PeerDown),
         };
         if matches!(res, Err(OpenError::Tunnel)) {
             self.mark_down();

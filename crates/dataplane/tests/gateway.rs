@@ -506,3 +506,57 @@ async fn vip_binding_and_identity_checks() {
     );
     assert!(switchyard_dataplane::start(cfg, rx).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_connections_share_one_tunnel() {
+    use tokio::io::AsyncReadExt;
+    let ca = ca();
+    let be = greeter("b").await;
+    let b = Gw::start(&ca, "b").await;
+    b.set_view(view(
+        "b",
+        1,
+        vec![service(
+            &web(),
+            "127.77.1.1",
+            vec![vec![target("b", &[be])]],
+        )],
+        &[],
+    ))
+    .await;
+    let a = Gw::start(&ca, "a").await;
+    a.set_view(view(
+        "a",
+        1,
+        vec![service(
+            &web(),
+            "127.77.0.1",
+            vec![vec![target("b", &[be])]],
+        )],
+        &[("b", b.gw.tunnel_addr)],
+    ))
+    .await;
+    a.wait_peer("b", true).await;
+    let vip = a.vip(&web());
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let burst: Vec<_> = (0..200)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(vip).await?;
+                    let mut g = [0u8; 2];
+                    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut g)).await??;
+                    anyhow::ensure!(&g == b"b\n", "bad greeting {g:?}");
+                    anyhow::Ok(s)
+                })
+            })
+            .collect();
+        for t in burst {
+            held.push(t.await.unwrap().unwrap());
+        }
+    }
+    assert_eq!(held.len(), 1000);
+    let s = a.gw.stats();
+    assert_eq!((s.served_remote, s.failed), (1000, 0), "{s:?}");
+    assert_eq!(b.gw.stats().tunnel_streams_served, 1000);
+}

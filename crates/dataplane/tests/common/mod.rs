@@ -46,7 +46,7 @@ pub fn web() -> ServiceKey {
 /// `<name>:` followed by what it read, then closes. Exercises half-close
 /// in both directions.
 pub async fn backend(name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = listen_deep("127.0.0.1:0".parse().unwrap());
     let addr = l.local_addr().unwrap();
     let name = name.to_owned();
     let task = tokio::spawn(async move {
@@ -67,6 +67,37 @@ pub async fn backend(name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// A listener with a deep accept queue (bursts of hundreds of connects).
+pub fn listen_deep(addr: SocketAddr) -> TcpListener {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_reuseaddr(true).unwrap();
+    s.bind(addr).unwrap();
+    s.listen(4096).unwrap()
+}
+
+/// A backend that greets each client with `<name>\n` and then holds the
+/// connection until the client closes.
+pub async fn greeter(name: &str) -> SocketAddr {
+    let l = listen_deep("127.0.0.1:0".parse().unwrap());
+    let addr = l.local_addr().unwrap();
+    let greeting = format!("{name}\n").into_bytes();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let greeting = greeting.clone();
+            tokio::spawn(async move {
+                if s.write_all(&greeting).await.is_ok() {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// A port on 127.0.0.1 where nothing listens (bound, then closed).

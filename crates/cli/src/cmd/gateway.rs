@@ -27,6 +27,8 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 /// Longest wait between attempts.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Wait before asking again for a certificate that was not renewed.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// Gateway settings shared by `switchyard gateway` and `switchyard agent
 /// --gateway`.
@@ -203,10 +205,17 @@ pub struct Gateway {
     pub running: Arc<RunningGateway>,
     /// The tunnel address announced to the hub.
     pub advertise: String,
+    /// Certificates renewed and swapped in since the start.
+    renewals: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Gateway {
+    /// Certificates renewed and swapped in since the start.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stops the reporting tasks, then the dataplane.
     pub async fn shutdown(self) {
         for t in &self.tasks {
@@ -281,14 +290,17 @@ pub async fn start(
         }));
     }
     // Renewal at half life: new handshakes use the new certificate.
+    let renewals = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
         let link = link.clone();
         let instance = opts.instance.clone();
         let running = running.clone();
+        let renewals = renewals.clone();
         let mut renew_at = identity.renew_at;
         tasks.push(tokio::spawn(async move {
+            let mut next = renew_at;
             loop {
-                let wait = renew_at
+                let wait = next
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .max(Duration::from_secs(1));
@@ -298,7 +310,10 @@ pub async fn start(
                         match running.reload_identity(id.for_dataplane()) {
                             Ok(()) => {
                                 tracing::info!(instance, "gateway certificate renewed");
+                                renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 renew_at = id.renew_at;
+                                next = renew_at;
+                                continue;
                             }
                             Err(e) => {
                                 tracing::error!(instance, error = %e, "renewed certificate refused")
@@ -310,8 +325,8 @@ pub async fn start(
                         tracing::warn!(instance, error = %e, "gateway certificate not renewed")
                     }
                 }
-                // Not past renew_at in a loop: try again in a while.
-                renew_at = renew_at.max(SystemTime::now() + Duration::from_secs(30));
+                // Not renewed: again in a while, not in a loop.
+                next = SystemTime::now() + RENEW_RETRY;
             }
         }));
     }
@@ -368,6 +383,7 @@ pub async fn start(
     Ok(Gateway {
         running,
         advertise,
+        renewals,
         tasks,
     })
 }
@@ -471,4 +487,126 @@ pub async fn run(_g: &Global, a: GatewayArgs) -> Result<()> {
     eprintln!("stopping gateway {}", a.opts.instance);
     gw.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use switchyard_agent::run::{self as agent, AgentConfig};
+    use switchyard_hub::{
+        node::Timeouts,
+        server::{self, HubConfig, RaftTimings, StartMode},
+        uplink::server::UplinkOptions,
+    };
+    use switchyard_pki::JoinToken;
+
+    use super::*;
+
+    /// The embedded runner against an in-process hub issuing 4 s
+    /// certificates: it starts once the agent got its gateway certificate,
+    /// announces the tunnel address, and swaps in a renewed certificate at
+    /// half life, again and again, without a renewal storm.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_gateway_starts_announces_and_renews() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("hub")).unwrap();
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let hub = server::start(HubConfig {
+            data_dir: dir.path().join("hub"),
+            listen: Some(loopback),
+            http: Some(loopback),
+            advertise: None,
+            mode: StartMode::Bootstrap {
+                domain: "runner.test".into(),
+                admin_config: dir.path().join("admin.toml"),
+            },
+            timeouts: Timeouts::default(),
+            raft: RaftTimings {
+                heartbeat_ms: 50,
+                election_min_ms: 150,
+                election_max_ms: 300,
+            },
+            uplink: Some(loopback),
+            uplink_options: UplinkOptions {
+                pop_cert_validity: Duration::from_secs(4),
+                ..UplinkOptions::default()
+            },
+        })
+        .await
+        .unwrap();
+        let ca_pem = hub
+            .hub
+            .local(|s| s.federation.as_ref().unwrap().ca_cert_pem.clone());
+        let ca_der = switchyard_pki::load_certs_pem(&ca_pem).unwrap();
+        let token = JoinToken::generate(&switchyard_pki::cert_fingerprint(&ca_der[0])).unwrap();
+        hub.hub
+            .propose(pb::Command {
+                kind: Some(pb::command::Kind::IssueToken(pb::IssueToken {
+                    token: Some(pb::JoinToken {
+                        id: token.id().to_string(),
+                        secret_sha256: token.secret_sha256(),
+                        kind: pb::TokenKind::Pop as i32,
+                        pop: "north-1".into(),
+                        expires_at_ms: switchyard_hub::server::admin::now_ms() + 60_000,
+                        ..Default::default()
+                    }),
+                })),
+            })
+            .await
+            .unwrap();
+        let a = agent::start(AgentConfig {
+            data_dir: dir.path().join("agent"),
+            hub_grpc: vec![hub.grpc_addr.to_string()],
+            token: Some(token.to_string()),
+            http: loopback,
+            backoff_min: Duration::from_millis(50),
+            ..AgentConfig::default()
+        })
+        .await
+        .unwrap();
+        let opts = GatewayOpts {
+            instance: "gw0".into(),
+            tunnel: loopback,
+            advertise: None,
+            vip_bind: VipBind::Ephemeral(loopback.ip()),
+            probe_interval: Duration::from_millis(100),
+        };
+        let ready = dir.path().join("ready.json");
+        let gw = start(
+            AgentLink::Embedded(a.gateway.clone()),
+            &opts,
+            a.gateway.watch_view(),
+            Some((ready.clone(), Map::new())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(gw.advertise, gw.running.tunnel_addr.to_string());
+        let recorded = || {
+            hub.hub
+                .local(|s| s.pops.get("north-1").map(|p| p.gateway_addr.clone()))
+                .unwrap_or_default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while recorded() != gw.advertise || gw.renewals() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "address {:?}, renewals {}",
+                recorded(),
+                gw.renewals()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // 4 s certificates renewed at half life: no storm.
+        assert!(gw.renewals() <= 4, "{} renewals", gw.renewals());
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+        assert_eq!(
+            doc["gateway_tunnel"],
+            json!(gw.running.tunnel_addr.to_string())
+        );
+        gw.shutdown().await;
+        a.shutdown().await;
+        hub.shutdown().await;
+    }
 }

@@ -484,7 +484,11 @@ pub async fn run(_g: &Global, a: GatewayArgs) -> Result<()> {
         a.opts.instance, gw.running.tunnel_addr, gw.advertise
     );
     super::hub::wait_for_signal().await;
-    eprintln!("stopping gateway {}", a.opts.instance);
+    eprintln!(
+        "stopping gateway {} (certificate renewed {} times)",
+        a.opts.instance,
+        gw.renewals()
+    );
     gw.shutdown().await;
     Ok(())
 }

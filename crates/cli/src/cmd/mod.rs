@@ -55,8 +55,8 @@ pub enum Command {
     Hub(hub::HubArgs),
     Agent(agent::AgentArgs),
     Gateway(gateway::GatewayArgs),
-    /// A whole federation on this machine, on loopback (today: the hub
-    /// cluster; POP agents, DNS and gateways arrive with their issues).
+    /// A whole federation on this machine, on loopback: hub nodes, POPs
+    /// (agent, DNS, gateway, demo backends), `dev kill|revive POP`.
     Dev(dev::DevArgs),
     /// Join tokens for new POPs and hub nodes.
     #[command(subcommand)]

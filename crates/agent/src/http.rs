@@ -97,6 +97,7 @@ pub struct Status {
     view: watch::Sender<Option<HeldView>>,
     connected: AtomicBool,
     hub_node: Mutex<String>,
+    dns: std::sync::OnceLock<Arc<switchyard_dns::server::DnsStats>>,
     /// Counters for `/metrics`.
     pub counters: Counters,
 }
@@ -110,6 +111,7 @@ impl Status {
             view: watch::Sender::new(None),
             connected: AtomicBool::new(false),
             hub_node: Mutex::new(String::new()),
+            dns: std::sync::OnceLock::new(),
             counters: Counters::default(),
         }
     }
@@ -286,7 +288,30 @@ impl Status {
             "RTT sample batches from gateways passed to the uplink.",
             get(&c.gateway_rtt_reports),
         );
+        if let Some(dns) = self.dns.get() {
+            let name = "switchyard_agent_dns_queries_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} DNS queries (clusterset.local) by outcome."
+            );
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (outcome, n) in dns.outcomes() {
+                let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
+            }
+            let name = "switchyard_agent_dns_rate_limited_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} DNS queries dropped by the per-source rate limit."
+            );
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", dns.rate_limited());
+        }
         out
+    }
+
+    /// Renders the DNS server's counters in `/metrics` from now on.
+    pub fn set_dns_stats(&self, stats: Arc<switchyard_dns::server::DnsStats>) {
+        let _ = self.dns.set(stats);
     }
 }
 

@@ -332,6 +332,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             let server = switchyard_dns::DnsServer::bind(dns_cfg, tables)
                 .await
                 .map_err(|source| AgentError::Dns { addr, source })?;
+            status.set_dns_stats(server.stats());
             Some(server)
         }
         None => None,

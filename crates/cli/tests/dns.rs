@@ -160,6 +160,25 @@ async fn pop_dns_follows_the_view_when_a_pop_dies() -> Result<()> {
     .await;
     assert_eq!(out.trim().trim_matches('"'), epoch.to_string(), "{out}");
 
+    // The agent counts its DNS answers in /metrics (flushed when the
+    // server is idle).
+    let start = Instant::now();
+    loop {
+        let (_, text) = switchyard_tests::http_get(n2.http, "/metrics").await?;
+        let answers = switchyard_tests::metric(
+            &text,
+            "switchyard_agent_dns_queries_total",
+            &[("outcome", "answer")],
+        );
+        if answers >= 3.0 {
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("DNS answers not counted in /metrics: {answers}\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // north-1 dies: both other POPs stop answering it, in line with their
     // views.
     n1.kill();

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -59,7 +59,32 @@ impl Default for DnsConfig {
 const UDP_POLL: Duration = Duration::from_millis(200);
 /// Outcome counters are flushed to `metrics` at most this often (per
 /// worker), so the per-query path touches only local memory.
-const FLUSH_EVERY: u64 = 4096;
+const FLUSH_EVERY: u64 = 1024;
+
+/// Queries answered by a server, by outcome, for embedders that render
+/// their own metrics (the agent). Updated in batches (every
+/// [`FLUSH_EVERY`] queries of a worker, and when it is idle).
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    by_outcome: [AtomicU64; 9],
+    rate_limited: AtomicU64,
+}
+
+impl DnsStats {
+    /// (outcome label, queries) for every outcome.
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES
+            .iter()
+            .zip(self.by_outcome.iter())
+            .map(|(o, n)| (o.as_str(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// UDP queries dropped by the rate limit.
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+}
 
 /// A running DNS listener. Dropping it stops it (UDP workers exit within
 /// [`UDP_POLL`]).
@@ -67,6 +92,7 @@ const FLUSH_EVERY: u64 = 4096;
 pub struct DnsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    stats: Arc<DnsStats>,
     udp: Vec<JoinHandle<()>>,
     tcp: tokio::task::JoinHandle<()>,
 }
@@ -131,24 +157,27 @@ impl DnsServer {
             sockets.push(udp_socket(addr)?);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(DnsStats::default());
         let mut udp = Vec::new();
         for (i, s) in sockets.into_iter().enumerate() {
             let socket: UdpSocket = s.into();
             let stop = stop.clone();
             let tables = tables.clone();
             let limit = cfg.rate_limit;
+            let stats = stats.clone();
             udp.push(
                 std::thread::Builder::new()
                     .name(format!("dns-udp-{i}"))
-                    .spawn(move || udp_worker(socket, tables, limit, stop))?,
+                    .spawn(move || udp_worker(socket, tables, limit, stop, stats))?,
             );
         }
         let tcp = TcpListener::from_std(tcp)?;
-        let tcp = tokio::spawn(tcp_accept(tcp, tables, cfg));
+        let tcp = tokio::spawn(tcp_accept(tcp, tables, cfg, stats.clone()));
         tracing::info!(%addr, udp_workers = workers, "DNS listening (UDP and TCP)");
         Ok(DnsServer {
             addr,
             stop,
+            stats,
             udp,
             tcp,
         })
@@ -157,6 +186,11 @@ impl DnsServer {
     /// The bound address (UDP and TCP).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Queries answered so far, by outcome.
+    pub fn stats(&self) -> Arc<DnsStats> {
+        self.stats.clone()
     }
 
     /// Stops serving and waits for the UDP workers.
@@ -176,12 +210,13 @@ impl Drop for DnsServer {
     }
 }
 
-/// Per-worker outcome counts, flushed to `metrics` in batches.
-#[derive(Default)]
+/// Per-worker outcome counts, flushed to `metrics` and [`DnsStats`] in
+/// batches.
 struct Counts {
     by_outcome: [u64; 9],
     rate_limited: u64,
     total: u64,
+    stats: Arc<DnsStats>,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -211,6 +246,15 @@ const OUTCOMES: [Outcome; 9] = [
 ];
 
 impl Counts {
+    fn new(stats: Arc<DnsStats>) -> Self {
+        Self {
+            by_outcome: [0; 9],
+            rate_limited: 0,
+            total: 0,
+            stats,
+        }
+    }
+
     fn add(&mut self, o: Outcome, transport: &'static str) {
         self.by_outcome[outcome_index(o)] += 1;
         self.total += 1;
@@ -220,14 +264,22 @@ impl Counts {
     }
 
     fn flush(&mut self, transport: &'static str) {
-        for (o, n) in OUTCOMES.iter().zip(self.by_outcome.iter_mut()) {
+        for ((o, n), shared) in OUTCOMES
+            .iter()
+            .zip(self.by_outcome.iter_mut())
+            .zip(self.stats.by_outcome.iter())
+        {
             if *n > 0 {
+                shared.fetch_add(*n, Ordering::Relaxed);
                 metrics::counter!("switchyard_dns_queries_total", "outcome" => o.as_str(), "transport" => transport)
                     .increment(*n);
                 *n = 0;
             }
         }
         if self.rate_limited > 0 {
+            self.stats
+                .rate_limited
+                .fetch_add(self.rate_limited, Ordering::Relaxed);
             metrics::counter!("switchyard_dns_rate_limited_total").increment(self.rate_limited);
             self.rate_limited = 0;
         }
@@ -239,6 +291,7 @@ fn udp_worker(
     mut tables: watch::Receiver<Arc<AnswerTable>>,
     limit: Option<RateLimitConfig>,
     stop: Arc<AtomicBool>,
+    stats: Arc<DnsStats>,
 ) {
     let mut limiter = limit.map(RateLimiter::new);
     let mut table = tables.borrow_and_update().clone();
@@ -246,7 +299,7 @@ fn udp_worker(
     // such instead of silently cut.
     let mut buf = vec![0u8; MAX_QUERY_LEN + 1];
     let mut out = Vec::with_capacity(MAX_QUERY_LEN);
-    let mut counts = Counts::default();
+    let mut counts = Counts::new(stats);
     while !stop.load(Ordering::Relaxed) {
         let (n, peer) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
@@ -295,6 +348,7 @@ async fn tcp_accept(
     listener: TcpListener,
     tables: watch::Receiver<Arc<AnswerTable>>,
     cfg: DnsConfig,
+    stats: Arc<DnsStats>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.max_tcp_connections.max(1)));
     loop {
@@ -313,8 +367,9 @@ async fn tcp_accept(
         };
         let tables = tables.clone();
         let idle = cfg.tcp_idle;
+        let stats = stats.clone();
         tokio::spawn(async move {
-            if let Err(e) = tcp_conn(stream, peer.ip(), tables, idle).await {
+            if let Err(e) = tcp_conn(stream, peer.ip(), tables, idle, stats).await {
                 tracing::debug!(error = %e, %peer, "DNS TCP connection closed");
             }
             drop(permit);
@@ -327,10 +382,11 @@ async fn tcp_conn(
     peer: IpAddr,
     tables: watch::Receiver<Arc<AnswerTable>>,
     idle: Duration,
+    stats: Arc<DnsStats>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_QUERY_LEN];
     let mut out = Vec::new();
-    let mut counts = Counts::default();
+    let mut counts = Counts::new(stats);
     let result = loop {
         let mut len = [0u8; 2];
         match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {

@@ -1,17 +1,28 @@
 //! The Raft log store: entries, vote, committed and purged log ids, all in
 //! the node's redb file through a [`Backend`].
+//!
+//! Appends do not block Raft: `append` puts the entries in an in-memory
+//! overlay (readable at once, as openraft requires) and queues them for a
+//! dedicated writer thread, which commits every queued append in one
+//! transaction (one fsync) and only then fires their `IOFlushed`
+//! callbacks. So the leader replicates to followers while its own fsync
+//! runs, and concurrent writes share fsyncs. Every other mutation (vote,
+//! committed, truncate, purge) goes through the same queue and is awaited,
+//! so mutations reach the disk in the order Raft issued them, and when one
+//! returns every earlier append is on disk and gone from the overlay.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use prost::Message;
 use switchyard_proto::pb;
 
-use super::backend::{Backend, Table, WriteBatch};
+use super::backend::{Backend, BackendError, Table, WriteBatch};
 use super::{blocking, invalid};
 use crate::raft::convert;
 use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
@@ -34,11 +45,116 @@ fn decode_log_id(bytes: &[u8]) -> io::Result<LogId> {
     convert::log_id_from_pb(l).map_err(|e| invalid("log id", e))
 }
 
-/// The Raft log of one node. Cheap to clone; clones share the backend and
-/// serve as the log readers handed to replication tasks.
+/// Entries appended but not yet on disk: index -> encoded `pb::Entry`.
+type Overlay = Arc<Mutex<BTreeMap<u64, Vec<u8>>>>;
+
+/// Work for the writer thread, done in queue order.
+enum Job {
+    /// Entries `first..=last` (already in the overlay); `callback` fires
+    /// once they are durable.
+    Append {
+        batch: WriteBatch,
+        first: u64,
+        last: u64,
+        callback: IOFlushed<TypeConfig>,
+    },
+    /// Any other mutation; `lazy` skips the fsync.
+    Commit {
+        batch: WriteBatch,
+        lazy: bool,
+        done: tokio::sync::oneshot::Sender<Result<(), BackendError>>,
+    },
+}
+
+/// The Raft log of one node. Cheap to clone; clones share the backend, the
+/// overlay and the writer, and serve as the log readers handed to
+/// replication tasks.
 #[derive(Clone)]
 pub struct LogStore {
     backend: Arc<dyn Backend>,
+    overlay: Overlay,
+    writer: Arc<Mutex<mpsc::Sender<Job>>>,
+}
+
+fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, BTreeMap<u64, Vec<u8>>> {
+    // Every update of the map is a single insert or remove: a panic while
+    // holding the lock cannot leave it half changed.
+    o.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer thread: commits queued appends together, then their
+/// callbacks; other mutations one by one, in order. Ends when every
+/// `LogStore` clone is gone.
+fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Job>) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        match job {
+            Job::Commit { batch, lazy, done } => {
+                let r = if lazy {
+                    backend.commit_lazy(batch)
+                } else {
+                    backend.commit(batch)
+                };
+                let _ = done.send(r);
+            }
+            Job::Append {
+                batch,
+                first,
+                last,
+                callback,
+            } => {
+                // Group commit: every append queued behind this one shares
+                // its transaction and fsync.
+                let mut merged = batch;
+                let mut done = vec![(first, last, callback)];
+                while let Ok(j) = rx.try_recv() {
+                    match j {
+                        Job::Append {
+                            batch,
+                            first,
+                            last,
+                            callback,
+                        } => {
+                            merged.ops.extend(batch.ops);
+                            done.push((first, last, callback));
+                        }
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                match backend.commit(merged) {
+                    Ok(()) => {
+                        {
+                            let mut o = lock(&overlay);
+                            for (first, last, _) in &done {
+                                for i in *first..=*last {
+                                    o.remove(&i);
+                                }
+                            }
+                        }
+                        for (_, _, cb) in done {
+                            cb.io_completed(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        let e = io::Error::from(e);
+                        for (_, _, cb) in done {
+                            cb.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Debug for LogStore {
@@ -50,7 +166,29 @@ impl Debug for LogStore {
 impl LogStore {
     /// A log store over `backend` (usually shared with the state machine store).
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        LogStore { backend }
+        let overlay: Overlay = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        let (b, o) = (backend.clone(), overlay.clone());
+        // A plain thread: it blocks in fsync, and must keep running while
+        // the async runtime is busy.
+        let spawned = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || write_loop(b, o, rx));
+        if let Err(e) = spawned {
+            // Without a writer every mutation fails with a clear error
+            // (the receiver is gone), and Raft stops on the storage error.
+            tracing::error!(error = %e, "cannot start the Raft log writer thread");
+        }
+        LogStore {
+            backend,
+            overlay,
+            writer: Arc::new(Mutex::new(tx)),
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<(), Job> {
+        let tx = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        tx.send(job).map_err(|e| e.0)
     }
 
     async fn read_meta_log_id(&self, key: &'static [u8]) -> io::Result<Option<LogId>> {
@@ -59,9 +197,20 @@ impl LogStore {
         raw.map(|r| decode_log_id(&r)).transpose()
     }
 
+    /// A mutation through the writer, after every earlier one.
+    async fn commit_ordered(&self, batch: WriteBatch, lazy: bool) -> io::Result<()> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if self.send(Job::Commit { batch, lazy, done }).is_err() {
+            return Err(io::Error::other("the Raft log writer thread is gone"));
+        }
+        match rx.await {
+            Ok(r) => r.map_err(io::Error::from),
+            Err(_) => Err(io::Error::other("the Raft log writer thread is gone")),
+        }
+    }
+
     async fn commit(&self, batch: WriteBatch) -> io::Result<()> {
-        let b = self.backend.clone();
-        blocking(move || b.commit(batch)).await
+        self.commit_ordered(batch, false).await
     }
 }
 
@@ -103,6 +252,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
             )
         })
         .await?;
+        // Entries not yet on disk come from the overlay; read after the
+        // disk, so an entry flushed in between is found on one side or
+        // both (then the same bytes).
+        let mut rows: BTreeMap<u64, Vec<u8>> = rows
+            .into_iter()
+            .filter_map(|(k, v)| Some((u64::from_be_bytes(k.try_into().ok()?), v)))
+            .collect();
+        {
+            let o = lock(&self.overlay);
+            let range = match end {
+                Some(e) => o.range(start..e),
+                None => o.range(start..),
+            };
+            for (i, v) in range {
+                rows.insert(*i, v.clone());
+            }
+        }
         let mut out = Vec::with_capacity(rows.len());
         let mut expect = None;
         for (_, v) in rows {
@@ -141,8 +307,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged = self.read_meta_log_id(KEY_PURGED).await?;
         let b = self.backend.clone();
         let last = blocking(move || b.last(Table::Log)).await?;
-        let last_log_id = match last {
-            Some((_, v)) => Some(decode_entry(&v)?.log_id),
+        let pending = lock(&self.overlay).values().next_back().cloned();
+        let last_log_id = match pending.or(last.map(|(_, v)| v)) {
+            Some(v) => Some(decode_entry(&v)?.log_id),
             None => last_purged,
         };
         Ok(LogState {
@@ -178,8 +345,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The committed index is a hint for faster recovery; losing the
         // newest value in a crash is safe, so it rides on the next fsync
         // instead of costing one of its own.
-        let b = self.backend.clone();
-        blocking(move || b.commit_lazy(wb)).await
+        self.commit_ordered(wb, true).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -195,29 +361,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // One transaction and one fsync for the whole batch openraft hands us.
         let mut wb = WriteBatch::new();
-        for e in entries {
-            wb.put(
-                Table::Log,
-                index_key(e.log_id.index),
-                convert::entry_to_pb(&e).encode_to_vec(),
-            );
+        let mut range: Option<(u64, u64)> = None;
+        {
+            let mut o = lock(&self.overlay);
+            for e in entries {
+                let i = e.log_id.index;
+                let bytes = convert::entry_to_pb(&e).encode_to_vec();
+                o.insert(i, bytes.clone());
+                wb.put(Table::Log, index_key(i), bytes);
+                range = Some(range.map_or((i, i), |(f, _)| (f, i)));
+            }
         }
-        if wb.is_empty() {
+        let Some((first, last)) = range else {
             callback.io_completed(Ok(()));
             return Ok(());
-        }
-        match self.commit(wb).await {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
+        };
+        // Readable now (overlay); durable when the writer fires `callback`.
+        let job = Job::Append {
+            batch: wb,
+            first,
+            last,
+            callback,
+        };
+        if let Err(job) = self.send(job) {
+            let err = || io::Error::other("the Raft log writer thread is gone");
+            if let Job::Append { callback, .. } = job {
+                callback.io_completed(Err(err()));
             }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
-            }
+            return Err(err());
         }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

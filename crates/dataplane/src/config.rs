@@ -98,7 +98,8 @@ pub struct Limits {
     /// (default 2 s). A peer marked down ends the wait at once.
     pub tunnel_open_timeout: Duration,
     /// A proxied connection with no bytes in either direction for this long
-    /// is closed (default 300 s).
+    /// is closed (default 300 s; checked every quarter of it, so the cut
+    /// comes between 1x and 1.25x after the last byte).
     pub idle_timeout: Duration,
     /// Most concurrent proxied connections accepted on VIP listeners; more
     /// are closed at accept (default 100 000).

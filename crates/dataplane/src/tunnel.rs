@@ -199,11 +199,16 @@ pub async fn run_peer(shared: Arc<Shared>, peer: Arc<Peer>) {
 }
 
 async fn dial(shared: &Shared, peer: &Peer) -> Result<quinn::Connection, String> {
-    let target: SocketAddr = tokio::net::lookup_host(&peer.addr)
-        .await
-        .map_err(|e| format!("resolve {}: {e}", peer.addr))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to nothing", peer.addr))?;
+    // An address literal needs no resolver (which would start a blocking
+    // thread).
+    let target: SocketAddr = match peer.addr.parse() {
+        Ok(a) => a,
+        Err(_) => tokio::net::lookup_host(&peer.addr)
+            .await
+            .map_err(|e| format!("resolve {}: {e}", peer.addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to nothing", peer.addr))?,
+    };
     let cfg = shared.client_config(&peer.pop).map_err(|e| e.to_string())?;
     let connecting = shared
         .endpoint

@@ -165,7 +165,14 @@ fn node_cmd(bin: &Path, dir: &Path) -> Result<Command> {
     cmd.arg("hub")
         .arg("--data-dir")
         .arg(dir)
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--uplink",
+            "127.0.0.1:0",
+        ])
         .arg("--ready-file")
         .arg(dir.join("ready.json"))
         // The default (info) log level; no per-write lines are expected.

@@ -243,6 +243,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if end.is_some_and(|e| e <= start) {
             return Ok(Vec::new());
         }
+        // Entries not yet on disk come from the overlay. It is read
+        // before the disk: the writer removes an entry from the overlay
+        // only after committing it, so an entry flushed in between is
+        // found on one side or both (then the same bytes), never neither.
+        let pending: Vec<(u64, Vec<u8>)> = {
+            let o = lock(&self.overlay);
+            let range = match end {
+                Some(e) => o.range(start..e),
+                None => o.range(start..),
+            };
+            range.map(|(i, v)| (*i, v.clone())).collect()
+        };
         let b = self.backend.clone();
         let rows = blocking(move || {
             b.scan(
@@ -252,23 +264,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             )
         })
         .await?;
-        // Entries not yet on disk come from the overlay; read after the
-        // disk, so an entry flushed in between is found on one side or
-        // both (then the same bytes).
         let mut rows: BTreeMap<u64, Vec<u8>> = rows
             .into_iter()
             .filter_map(|(k, v)| Some((u64::from_be_bytes(k.try_into().ok()?), v)))
             .collect();
-        {
-            let o = lock(&self.overlay);
-            let range = match end {
-                Some(e) => o.range(start..e),
-                None => o.range(start..),
-            };
-            for (i, v) in range {
-                rows.insert(*i, v.clone());
-            }
-        }
+        rows.extend(pending);
         let mut out = Vec::with_capacity(rows.len());
         let mut expect = None;
         for (_, v) in rows {
@@ -305,9 +305,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged = self.read_meta_log_id(KEY_PURGED).await?;
+        // Overlay first, as in `try_get_log_entries`.
+        let pending = lock(&self.overlay).values().next_back().cloned();
         let b = self.backend.clone();
         let last = blocking(move || b.last(Table::Log)).await?;
-        let pending = lock(&self.overlay).values().next_back().cloned();
         let last_log_id = match pending.or(last.map(|(_, v)| v)) {
             Some(v) => Some(decode_entry(&v)?.log_id),
             None => last_purged,

@@ -7,6 +7,7 @@
 //! start(GatewayConfig, watch::Receiver<Option<pb::PopView>>) -> Result<RunningGateway, GatewayError>
 //! RunningGateway::tunnel_addr                 bound UDP address of the QUIC tunnel listener
 //! RunningGateway::listeners()                 bound VIP listeners: (service, service port, addr)
+//! RunningGateway::listener(service, port)     bound address of one listener
 //! RunningGateway::rtt_samples()               watch of peer RTTs, for the agent's RttReport
 //! RunningGateway::applied_epoch()             watch of the epoch of the last applied view
 //! RunningGateway::peer_health()               current up/down and RTT of each peer gateway
@@ -35,7 +36,14 @@
 //!   prober marked down. An attempt that fails before any byte is exchanged
 //!   (refused connect, timeout, peer refused or died) moves to the next
 //!   target or tier, up to [`Limits::max_attempts`]; the client's bytes are
-//!   not read until an attempt succeeded.
+//!   not read until an attempt succeeded. When every peer is marked down,
+//!   peers with a live tunnel are still tried (last resort).
+//! - **Endpoint ports**: a single-port service reaches an endpoint on the
+//!   endpoint's own port (the service port if that is 0); with several
+//!   ports, on the requested service port.
+//! - **Copying**: both directions at once, half-close passed on, idle
+//!   timeout, `splice(2)` for bulk TCP-to-TCP transfers, no buffer held by
+//!   a quiet connection.
 //! - **Tunnels**: one QUIC connection per peer POP gateway, mutual TLS with
 //!   gateway identities (`spiffe://D/pop/<pop>/gw/<instance>`, ALPN
 //!   [`tls::ALPN`]); one bi-stream per proxied connection, opened with a

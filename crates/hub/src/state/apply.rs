@@ -52,7 +52,8 @@ impl State {
             Kind::InitFederation(c) => self.init_federation(index, c),
             Kind::UpsertPop(c) => self.upsert_pop(index, c),
             Kind::RemovePop(c) => match self.pops.remove(&c.name) {
-                Some(_) => {
+                Some(old) => {
+                    self.note_dev_block(&old.vip_cidr, false);
                     self.forget_pop(index, &c.name);
                     result_ok(index)
                 }
@@ -179,7 +180,10 @@ impl State {
             }
         }
         let name = record.name.clone();
-        self.pops.insert(name.clone(), record);
+        self.note_dev_block(&record.vip_cidr, true);
+        if let Some(old) = self.pops.insert(name.clone(), record) {
+            self.note_dev_block(&old.vip_cidr, false);
+        }
         if vips_change {
             self.reconcile_pop_vips(index, &name);
         }
@@ -265,6 +269,7 @@ impl State {
         if token.kind == pb::TokenKind::Pop as i32 && !self.pops.contains_key(&token.pop) {
             // Infallible for an empty range: the next free dev block.
             let vip_cidr = self.resolve_vip_cidr(&token.pop, "").unwrap_or_default();
+            self.note_dev_block(&vip_cidr, true);
             self.pops.insert(
                 token.pop.clone(),
                 pb::Pop {

@@ -281,18 +281,36 @@ impl State {
         if let Some(old) = self.pops.get(name).filter(|p| !p.vip_cidr.is_empty()) {
             return Ok(old.vip_cidr.clone());
         }
-        let taken: BTreeSet<&str> = self.pops.values().map(|p| p.vip_cidr.as_str()).collect();
+        // The lowest block number no POP uses (`dev_blocks` is sorted).
         let mut k = 0;
-        while let Some(block) = Cidr::dev_block(k) {
-            let text = block.to_text();
-            if !taken.contains(text.as_str()) {
-                return Ok(text);
+        for &used in self.dev_blocks.keys() {
+            if used != k {
+                break;
             }
             k += 1;
+        }
+        if let Some(block) = Cidr::dev_block(k) {
+            return Ok(block.to_text());
         }
         // Pool exhausted (over 11,000 default POPs): share the first block.
         // Only POPs on one machine can collide, and none has that many.
         Ok(Cidr::dev_block(0).map(|c| c.to_text()).unwrap_or_default())
+    }
+
+    /// Counts a POP's VIP range in or out of [`State::dev_blocks`] (ranges
+    /// outside the dev pool are not counted).
+    pub(super) fn note_dev_block(&mut self, cidr: &str, added: bool) {
+        let Some(k) = Cidr::parse(cidr).and_then(|c| c.dev_block_number()) else {
+            return;
+        };
+        if added {
+            *self.dev_blocks.entry(k).or_insert(0) += 1;
+        } else if let Some(n) = self.dev_blocks.get_mut(&k) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.dev_blocks.remove(&k);
+            }
+        }
     }
 
     /// Removes everything that belongs to a removed POP: its exports (their

@@ -69,6 +69,10 @@ pub struct State {
     /// The newest POP liveness events, oldest first (at most
     /// [`EVENT_LOG_LEN`]): the history the status page shows.
     pub events: VecDeque<pb::PopEvent>,
+    /// Derived from `pops`, not in snapshots: how many POPs use each dev
+    /// VIP block (by block number), so a new POP's block is found without
+    /// scanning every POP's range as text.
+    pub(crate) dev_blocks: BTreeMap<u32, u32>,
 }
 
 /// How many POP liveness events the state keeps.
@@ -116,6 +120,7 @@ impl State {
             ..State::default()
         };
         for p in snap.pops {
+            s.note_dev_block(&p.vip_cidr, true);
             s.pops.insert(p.name.clone(), p);
         }
         for t in snap.tokens {

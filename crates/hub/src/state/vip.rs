@@ -107,6 +107,20 @@ impl Cidr {
         (a <= hi).then_some(a)
     }
 
+    /// `k` if this range is exactly the `k`-th default dev block.
+    pub fn dev_block_number(&self) -> Option<u32> {
+        let size = 1u128 << (32 - u32::from(DEV_VIP_PREFIX));
+        let base = u128::from(u32::from(DEV_VIP_BASE));
+        if self.width != 32 || self.prefix != DEV_VIP_PREFIX || self.base < base {
+            return None;
+        }
+        let off = self.base - base;
+        if off % size != 0 {
+            return None;
+        }
+        u32::try_from(off / size).ok()
+    }
+
     /// The `k`-th default dev block (`DEV_VIP_BASE + k * 2^(32-DEV_VIP_PREFIX)`),
     /// or `None` once it would leave 127.0.0.0/8.
     pub fn dev_block(k: u32) -> Option<Cidr> {

@@ -102,7 +102,11 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
                 } else {
                     backend.commit(batch)
                 };
-                let _ = done.send(r);
+                // Nobody waits for the committed-index hint: report its
+                // failure here (the next durable commit will fail loudly).
+                if let Err(Err(e)) = done.send(r) {
+                    tracing::warn!(error = %e, "saving the committed index failed");
+                }
             }
             Job::Append {
                 batch,
@@ -345,8 +349,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // The committed index is a hint for faster recovery; losing the
         // newest value in a crash is safe, so it rides on the next fsync
-        // instead of costing one of its own.
-        self.commit_ordered(wb, true).await
+        // instead of costing one of its own. It is queued behind the appends
+        // already submitted (so it never lands on disk ahead of them) but
+        // not awaited: Raft calls this on every commit advance, and waiting
+        // for the writer would put an fsync back on its path.
+        let (done, _ignored) = tokio::sync::oneshot::channel();
+        let job = Job::Commit {
+            batch: wb,
+            lazy: true,
+            done,
+        };
+        if self.send(job).is_err() {
+            return Err(io::Error::other("the Raft log writer thread is gone"));
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

@@ -592,3 +592,32 @@ fn liveness_changes_are_kept_in_a_bounded_event_log() {
     let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
     assert_eq!(back, s);
 }
+
+#[test]
+fn dev_blocks_follow_pops_through_removal_and_snapshots() {
+    let mut s = State::default();
+    let i = run(
+        &mut s,
+        1,
+        &[
+            init(),
+            pop("a", "r", "", ""),
+            pop("b", "r", "", ""),
+            pop("c", "r", "", ""),
+        ],
+    );
+    let range = |s: &State, p: &str| s.pops[p].vip_cidr.clone();
+    assert_eq!(range(&s, "a"), "127.77.0.0/22");
+    assert_eq!(range(&s, "c"), "127.77.8.0/22");
+    // A freed block is the next one given out; an update keeps its block.
+    let i = run(&mut s, i, &[remove_pop("b"), pop("a", "r2", "", "")]);
+    assert_eq!(range(&s, "a"), "127.77.0.0/22");
+    run(&mut s, i, &[pop("d", "r", "", "")]);
+    assert_eq!(range(&s, "d"), "127.77.4.0/22");
+    assert_eq!(
+        s.dev_blocks.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
+    assert_eq!(back, s, "the derived index is rebuilt from the snapshot");
+}

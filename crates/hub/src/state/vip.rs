@@ -115,7 +115,7 @@ impl Cidr {
             return None;
         }
         let off = self.base - base;
-        if off % size != 0 {
+        if !off.is_multiple_of(size) {
             return None;
         }
         u32::try_from(off / size).ok()

@@ -320,13 +320,13 @@ pub async fn start(mut cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             tasks.push(task);
             let dns_cfg = switchyard_dns::DnsConfig {
                 listen: addr,
-                rate_limit: cfg.dns_rate_limit.map(|qps| {
-                    switchyard_dns::limits::RateLimitConfig {
+                rate_limit: cfg
+                    .dns_rate_limit
+                    .map(|qps| switchyard_dns::limits::RateLimitConfig {
                         per_second: qps,
                         burst: qps.saturating_mul(2),
                         ..Default::default()
-                    }
-                }),
+                    }),
                 ..Default::default()
             };
             let server = switchyard_dns::DnsServer::bind(dns_cfg, tables)

@@ -151,9 +151,12 @@ fn reason(
     };
     match tier {
         Some(_) => placed,
-        // Placed by the mode but merged away cannot happen (merging keeps
-        // targets); say what we know.
-        None => format!("{placed}, but not a target"),
+        // Placed by the mode and ready, yet in no tier: the view keeps only
+        // the best MAX_TARGETS_PER_SERVICE targets.
+        None => format!(
+            "{placed}, but past the view's first {} targets",
+            super::MAX_TARGETS_PER_SERVICE
+        ),
     }
 }
 

@@ -58,6 +58,12 @@ pub use explain::{explain, Explanation};
 /// so resolvers follow failovers quickly.
 pub const DEFAULT_DNS_TTL_S: u32 = 5;
 
+/// At most this many targets (POPs) per service in a view, best first: a
+/// service exported by a thousand POPs would otherwise put a thousand
+/// targets (with their endpoints) in every POP's view and move them all on
+/// every export change, while nobody fails over past the first few tiers.
+pub const MAX_TARGETS_PER_SERVICE: usize = 64;
+
 /// `min_healthy` (per mille) when the policy leaves it at 0 or there is no
 /// policy: spill only when a tier has no ready endpoint.
 pub const DEFAULT_MIN_HEALTHY_PERMILLE: u32 = 0;
@@ -319,7 +325,11 @@ fn spill(
     let mut out = Vec::new();
     let mut acc: Vec<&Member<'_>> = Vec::new();
     let last = raw.len().saturating_sub(1);
+    let mut room = MAX_TARGETS_PER_SERVICE;
     for (i, tier) in raw.into_iter().enumerate() {
+        if room == 0 {
+            break;
+        }
         acc.extend(tier);
         let ready: u64 = acc
             .iter()
@@ -336,6 +346,8 @@ fn spill(
             .filter(|m| m.eligible && !m.ready.is_empty())
             .collect();
         members.sort_by(|a, b| a.order(b));
+        members.truncate(room);
+        room -= members.len();
         let targets: Vec<pb::Target> = members
             .into_iter()
             .map(|m| pb::Target {

@@ -751,3 +751,41 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
         v.swap(i, j);
     }
 }
+
+#[test]
+fn a_view_keeps_the_best_targets_only() {
+    let mut s = State::default();
+    let mut i = run(&mut s, 1, &[init()]);
+    // 100 POPs export one service: "p000" and "p001" share region r0, the
+    // rest are in r1.
+    for n in 0..100 {
+        let name = format!("p{n:03}");
+        let region = if n < 2 { "r0" } else { "r1" };
+        i = run(
+            &mut s,
+            i,
+            &[
+                pop(&name, region, "", ""),
+                live(&name, PopLiveness::Online),
+                exports(&name, 1, vec![export("ns", "web", 80, &[true])], vec![]),
+            ],
+        );
+    }
+    let t = tiers(&s, "p000", "web");
+    let count: usize = t.iter().map(Vec::len).sum();
+    assert_eq!(count, super::MAX_TARGETS_PER_SERVICE);
+    assert_eq!(t[0], vec!["p000:1".to_string()], "own endpoints first");
+    assert_eq!(t[1], vec!["p001:1".to_string()], "then the same region");
+    let why = super::explain::explain(&s, "p000", "ns", "web");
+    let cut = why
+        .pops
+        .iter()
+        .find(|e| e.pop == "p099")
+        .expect("p099 explained");
+    assert_eq!(cut.tier, -1);
+    assert!(
+        cut.reason.contains("past the view's first 64"),
+        "{}",
+        cut.reason
+    );
+}

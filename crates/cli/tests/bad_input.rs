@@ -226,11 +226,18 @@ async fn bad_input_is_refused_counted_and_survived() {
                 .unwrap_err();
             print_refusal("certificate from another CA", &s);
             assert_ne!(s.code(), tonic::Code::Ok);
-            // The server's TLS alert is in the error's source chain.
+            // Usually the server's TLS alert is in the error's source chain.
+            // With TLS 1.3 the client finishes its handshake before the
+            // server checks its certificate, so under load hyper may see the
+            // closed connection before it reads the alert and report the
+            // request as cancelled; the refusal is then still counted as
+            // `tls_unknown_ca` (checked by `counted`).
             let text = format!("{s:?}");
             println!("certificate from another CA: client sees {text}");
             assert!(
-                text.contains("UnknownCA") || text.contains("certificate"),
+                text.contains("UnknownCA")
+                    || text.contains("certificate")
+                    || matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable),
                 "unclear: {text}"
             );
         },

@@ -298,28 +298,6 @@ impl Shared {
 /// How often peer RTTs are published.
 const RTT_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
-/// Largest UDP payload the tunnel endpoint accepts (bytes): an Ethernet
-/// MTU less IPv4 and UDP headers. quinn sizes its receive buffer from this
-/// (times its batch and GRO segment counts); its default of 65,527 made a
-/// ~3 MiB buffer, most of an idle gateway's memory, while path MTU
-/// discovery never goes above 1,452 anyway.
-const MAX_UDP_PAYLOAD: u16 = 1472;
-
-/// The tunnel's QUIC endpoint (server and client) on `addr`.
-fn tunnel_endpoint(
-    server: quinn::ServerConfig,
-    addr: std::net::SocketAddr,
-) -> std::io::Result<quinn::Endpoint> {
-    let mut config = quinn::EndpointConfig::default();
-    config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    let socket = std::net::UdpSocket::bind(addr)?;
-    quinn::Endpoint::new(config, Some(server), socket, runtime)
-}
-
 /// Starts a gateway: binds the tunnel listener, then follows `view`
 /// (binding VIP listeners, dialling peers) until shutdown.
 pub async fn start(
@@ -333,11 +311,12 @@ pub async fn start(
         ));
     }
     let server = crate::tls::server_config(&cfg.identity, &cfg.limits)?;
-    let endpoint =
-        tunnel_endpoint(server, cfg.tunnel_listen).map_err(|source| GatewayError::BindTunnel {
+    let endpoint = quinn::Endpoint::server(server, cfg.tunnel_listen).map_err(|source| {
+        GatewayError::BindTunnel {
             addr: cfg.tunnel_listen,
             source,
-        })?;
+        }
+    })?;
     let tunnel_addr = endpoint
         .local_addr()
         .map_err(|source| GatewayError::BindTunnel {

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use switchyard_agent::local_api;
 use switchyard_agent::run::{self, AgentConfig, RunningAgent};
 use switchyard_hub::{
-    node::Timeouts,
-    server::{self, HubConfig, RaftTimings, RunningHub, StartMode},
+    server::{self, HubConfig, RunningHub},
     uplink::server::UplinkOptions,
 };
 use switchyard_pki::{JoinToken, SpiffeId};
@@ -23,29 +22,14 @@ const DOMAIN: &str = "gw.test";
 
 async fn hub(dir: &std::path::Path, validity: Duration) -> anyhow::Result<RunningHub> {
     std::fs::create_dir_all(dir.join("hub"))?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     Ok(server::start(HubConfig {
-        data_dir: dir.join("hub"),
-        listen: Some(loopback),
-        http: Some(loopback),
-        advertise: None,
-        mode: StartMode::Bootstrap {
-            domain: DOMAIN.into(),
-            admin_config: dir.join("admin.toml"),
-        },
-        timeouts: Timeouts::default(),
-        raft: RaftTimings {
-            heartbeat_ms: 50,
-            election_min_ms: 150,
-            election_max_ms: 300,
-        },
-        uplink: Some(loopback),
         uplink_options: UplinkOptions {
             pop_cert_validity: validity,
             // Every report commits (the production default limits it).
             rtt_report_interval: Duration::from_millis(10),
             ..UplinkOptions::default()
         },
+        ..HubConfig::loopback_bootstrap(dir, DOMAIN)
     })
     .await?)
 }

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use switchyard_agent::config::DataDir;
 use switchyard_agent::run::{self, AgentConfig};
 use switchyard_hub::{
-    node::Timeouts,
-    server::{self, HubConfig, RaftTimings, StartMode},
+    server::{self, HubConfig},
     uplink::server::UplinkOptions,
 };
 use switchyard_pki::JoinToken;
@@ -23,27 +22,12 @@ use switchyard_proto::pb;
 async fn certificate_is_renewed_at_half_life_over_the_session() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("hub"))?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let hub = server::start(HubConfig {
-        data_dir: dir.path().join("hub"),
-        listen: Some(loopback),
-        http: Some(loopback),
-        advertise: None,
-        mode: StartMode::Bootstrap {
-            domain: "renew.test".into(),
-            admin_config: dir.path().join("admin.toml"),
-        },
-        timeouts: Timeouts::default(),
-        raft: RaftTimings {
-            heartbeat_ms: 50,
-            election_min_ms: 150,
-            election_max_ms: 300,
-        },
-        uplink: Some(loopback),
         uplink_options: UplinkOptions {
             pop_cert_validity: Duration::from_secs(4),
             ..UplinkOptions::default()
         },
+        ..HubConfig::loopback_bootstrap(dir.path(), "renew.test")
     })
     .await?;
 
@@ -74,7 +58,7 @@ async fn certificate_is_renewed_at_half_life_over_the_session() -> anyhow::Resul
         data_dir: data_dir.clone(),
         hub_grpc: vec![hub.grpc_addr.to_string()],
         token: Some(token.to_string()),
-        http: loopback,
+        http: SocketAddr::from(([127, 0, 0, 1], 0)),
         backoff_min: Duration::from_millis(50),
         ..AgentConfig::default()
     })

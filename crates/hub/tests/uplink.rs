@@ -8,11 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use switchyard_hub::{
-    node::Timeouts,
-    server::{self, HubConfig, RaftTimings, RunningHub, StartMode},
-    uplink::server::UplinkOptions,
-};
+use switchyard_hub::server::{self, HubConfig, RunningHub};
 use switchyard_pki::{ExpectedPeer, JoinToken, SpiffeId};
 use switchyard_proto::{
     pb::{self, enrolment_client::EnrolmentClient, uplink_frame::Kind as FrameKind},
@@ -29,26 +25,7 @@ struct TestHub {
 async fn start_hub() -> Result<TestHub> {
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("hub"))?;
-    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let running = server::start(HubConfig {
-        data_dir: dir.path().join("hub"),
-        listen: Some(loopback),
-        http: Some(loopback),
-        advertise: None,
-        mode: StartMode::Bootstrap {
-            domain: DOMAIN.into(),
-            admin_config: dir.path().join("admin.toml"),
-        },
-        timeouts: Timeouts::default(),
-        raft: RaftTimings {
-            heartbeat_ms: 50,
-            election_min_ms: 150,
-            election_max_ms: 300,
-        },
-        uplink: Some(loopback),
-        uplink_options: UplinkOptions::default(),
-    })
-    .await?;
+    let running = server::start(HubConfig::loopback_bootstrap(dir.path(), DOMAIN)).await?;
     Ok(TestHub { running, _dir: dir })
 }
 

@@ -500,8 +500,7 @@ mod tests {
 
     use switchyard_agent::run::{self as agent, AgentConfig};
     use switchyard_hub::{
-        node::Timeouts,
-        server::{self, HubConfig, RaftTimings, StartMode},
+        server::{self, HubConfig},
         uplink::server::UplinkOptions,
     };
     use switchyard_pki::JoinToken;
@@ -518,25 +517,11 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("hub")).unwrap();
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let hub = server::start(HubConfig {
-            data_dir: dir.path().join("hub"),
-            listen: Some(loopback),
-            http: Some(loopback),
-            advertise: None,
-            mode: StartMode::Bootstrap {
-                domain: "runner.test".into(),
-                admin_config: dir.path().join("admin.toml"),
-            },
-            timeouts: Timeouts::default(),
-            raft: RaftTimings {
-                heartbeat_ms: 50,
-                election_min_ms: 150,
-                election_max_ms: 300,
-            },
-            uplink: Some(loopback),
             uplink_options: UplinkOptions {
                 pop_cert_validity: Duration::from_secs(4),
                 ..UplinkOptions::default()
             },
+            ..HubConfig::loopback_bootstrap(dir.path(), "runner.test")
         })
         .await
         .unwrap();

@@ -112,6 +112,42 @@ pub struct HubConfig {
     pub uplink_options: crate::uplink::server::UplinkOptions,
 }
 
+impl RaftTimings {
+    /// Short timings for a cluster on one machine (tests): 50 ms heartbeats,
+    /// elections after 150-300 ms.
+    pub fn local() -> Self {
+        Self {
+            heartbeat_ms: 50,
+            election_min_ms: 150,
+            election_max_ms: 300,
+        }
+    }
+}
+
+impl HubConfig {
+    /// A node that bootstraps federation `domain` with every listener on
+    /// 127.0.0.1 port 0 and local Raft timings: data in `dir/hub`, the
+    /// operator credentials in `dir/admin.toml`. For tests and embedding;
+    /// change fields with struct update syntax.
+    pub fn loopback_bootstrap(dir: &std::path::Path, domain: &str) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        HubConfig {
+            data_dir: dir.join("hub"),
+            listen: Some(loopback),
+            http: Some(loopback),
+            advertise: None,
+            mode: StartMode::Bootstrap {
+                domain: domain.to_string(),
+                admin_config: dir.join("admin.toml"),
+            },
+            timeouts: Timeouts::default(),
+            raft: RaftTimings::local(),
+            uplink: Some(loopback),
+            uplink_options: Default::default(),
+        }
+    }
+}
+
 /// Why a node could not start. Each says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -113,31 +113,9 @@ fn vip_of(info: &Value, at: &str, service: &str) -> String {
 }
 
 /// `dig +short` at a POP's DNS server.
-fn dig(dns: &str, name: &str, rtype: &str) -> Result<Vec<String>> {
-    let (host, port) = dns.rsplit_once(':').context("dns address")?;
-    let out = Command::new("dig")
-        .args([
-            &format!("@{host}"),
-            "-p",
-            port,
-            "+short",
-            "+tries=1",
-            "+time=2",
-            name,
-            rtype,
-        ])
-        .output()
-        .context("running dig (Debian bind9-dnsutils; scripts/test installs it)")?;
-    if !out.status.success() {
-        bail!(
-            "dig {name} {rtype} at {dns}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
+async fn dig(dns: &str, name: &str, rtype: &str) -> Result<Vec<String>> {
+    let out = switchyard_tests::dig(dns.parse()?, &["+short", name, rtype]).await?;
+    Ok(out.lines().map(str::to_string).collect())
 }
 
 /// SRV tiers as (priority, POP) sorted, from `<pop>.<svc>...` targets.
@@ -212,7 +190,7 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
             let name = format!("{svc}.demo.svc.clusterset.local");
             until(&format!("{name} at {p}"), || {
                 let (dns, name, ip) = (dns(p), name.clone(), ip.clone());
-                async move { Ok(dig(&dns, &name, "A")?.contains(&ip).then_some(())) }
+                async move { Ok(dig(&dns, &name, "A").await?.contains(&ip).then_some(())) }
             })
             .await?;
         }
@@ -229,7 +207,8 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     until("ledger in the global zone", || {
         let (d, n) = (hub_dns.clone(), global.clone());
         async move {
-            Ok(dig(&d, &n, "A")?
+            Ok(dig(&d, &n, "A")
+                .await?
                 .contains(&"127.0.0.1".to_string())
                 .then_some(()))
         }
@@ -243,7 +222,7 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     let tiers = until("ledger SRV tiers at north-2", || {
         let d = n2_dns.clone();
         async move {
-            let t = srv_tiers(&dig(&d, ledger_srv, "SRV")?);
+            let t = srv_tiers(&dig(&d, ledger_srv, "SRV").await?);
             Ok((t == vec![(0, "north-1".to_string()), (1, "south-1".to_string())]).then_some(t))
         }
     })
@@ -284,7 +263,7 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     let tiers = until("ledger SRV at north-2 without north-1", || {
         let d = n2_dns.clone();
         async move {
-            let t = srv_tiers(&dig(&d, ledger_srv, "SRV")?);
+            let t = srv_tiers(&dig(&d, ledger_srv, "SRV").await?);
             Ok((t == vec![(0, "south-1".to_string())]).then_some(t))
         }
     })
@@ -311,7 +290,7 @@ async fn dev_federation_fails_over_and_back_and_stops_clean() -> Result<()> {
     until("ledger SRV at north-2 back to north-1 first", || {
         let d = n2_dns.clone();
         async move {
-            let t = srv_tiers(&dig(&d, ledger_srv, "SRV")?);
+            let t = srv_tiers(&dig(&d, ledger_srv, "SRV").await?);
             Ok(t.first()
                 .is_some_and(|(p, n)| *p == 0 && n == "north-1")
                 .then_some(()))

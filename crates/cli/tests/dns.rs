@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -24,17 +23,7 @@ const NS: &str = "demo";
 const SVC: &str = "db";
 
 async fn dig(addr: SocketAddr, args: &[&str]) -> String {
-    let mut cmd = Command::new("dig");
-    cmd.arg(format!("@{}", addr.ip()))
-        .arg("-p")
-        .arg(addr.port().to_string())
-        .args(["+time=1", "+tries=2"])
-        .args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("dig runs (apt-get install bind9-dnsutils)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    switchyard_tests::dig(addr, args).await.unwrap()
 }
 
 /// SRV answers as (priority, POP) pairs, from the targets

@@ -60,8 +60,6 @@ impl Agent {
         hub_grpc: &str,
         services: &[(&str, &str)],
     ) -> Result<Agent> {
-        let data_dir = dir.join(format!("agent-{pop}"));
-        fs::create_dir_all(&data_dir)?;
         let (backend, handle) = tcp_backend().await?;
         let mut toml = String::new();
         for (ns, name) in services {
@@ -73,23 +71,8 @@ impl Agent {
                 port = backend.port()
             ));
         }
-        let services_file = dir.join(format!("services-{pop}.toml"));
-        fs::write(&services_file, toml)?;
-        let mut a = Agent {
-            pop: pop.to_string(),
-            http: ([127, 0, 0, 1], 0).into(),
-            log: dir.join(format!("agent-{pop}.log")),
-            ready_file: dir.join(format!("agent-{pop}.ready.json")),
-            bin: bin.to_path_buf(),
-            services: services_file,
-            hub_grpc: hub_grpc.to_string(),
-            data_dir,
-            child: None,
-            backend: Some(handle),
-            extra_args: Vec::new(),
-        };
-        a.spawn(Some(token))?;
-        a.wait_ready_file().await?;
+        let mut a = Self::start_with(bin, dir, pop, token, hub_grpc, &toml, &[]).await?;
+        a.backend = Some(handle);
         Ok(a)
     }
 

@@ -753,6 +753,29 @@ fn send_sigterm(pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Runs `dig @ADDR -p PORT <args>` (Debian `bind9-dnsutils`, installed by
+/// scripts/test) and returns its standard output; a failed `dig` is an
+/// error with its output.
+pub async fn dig(addr: SocketAddr, args: &[&str]) -> Result<String> {
+    let mut cmd = std::process::Command::new("dig");
+    cmd.arg(format!("@{}", addr.ip()))
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(["+time=2", "+tries=2"])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await?
+        .context("running dig (Debian bind9-dnsutils; scripts/test installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "dig {args:?} at {addr}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A minimal HTTP/1.1 GET over a TCP stream: `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let work = async {

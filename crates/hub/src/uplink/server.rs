@@ -801,7 +801,6 @@ impl Driver {
                     remote_addr: self.last_remote.to_string(),
                     connected_at_ms: now_ms(),
                     last_heartbeat_ms: 0,
-                    gateway_addr: String::new(),
                 });
                 tracing::info!(
                     pop = self.pop,

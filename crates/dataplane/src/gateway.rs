@@ -152,7 +152,7 @@ impl Shared {
 
     pub fn client_config(&self, pop: &str) -> Result<quinn::ClientConfig, GatewayError> {
         let id = lock(&self.identity).clone();
-        crate::tls::client_config(&id, pop, &self.cfg.limits)
+        crate::tls::client_config(&id, pop)
     }
 
     fn probe_params(&self) -> ProbeParams {

@@ -33,10 +33,54 @@ pub fn check_identity(id: &GatewayIdentity, pop: &str, instance: &str) -> Result
     Ok(())
 }
 
-fn transport(limits: &Limits) -> Arc<quinn::TransportConfig> {
+/// Streams a peer may open concurrently on a new tunnel connection
+/// before [`StreamCredit`] raises the limit.
+const INITIAL_STREAM_CREDIT: u64 = 1024;
+
+/// The limit of concurrent streams a peer may open on one tunnel
+/// connection we accepted. quinn allocates the state of every stream it
+/// allows up front (about 50 bytes each), so the limit starts small and
+/// doubles whenever half of it is in use, up to
+/// [`Limits::max_tunnel_streams`]; a fixed limit of 100 000 cost ~5 MiB
+/// per tunnel connection, idle or not. It never shrinks (quinn keeps the
+/// state anyway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCredit {
+    limit: u64,
+    max: u64,
+}
+
+impl StreamCredit {
+    /// The credit of a new connection for `max_tunnel_streams`.
+    pub fn new(max_tunnel_streams: usize) -> Self {
+        let max = u64::try_from(max_tunnel_streams).unwrap_or(u64::MAX);
+        Self {
+            limit: INITIAL_STREAM_CREDIT.min(max),
+            max,
+        }
+    }
+
+    /// The limit now.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Called with the number of streams open now (the new one included);
+    /// returns the new limit to announce if it grew.
+    pub fn on_open(&mut self, open: u64) -> Option<u64> {
+        if open.saturating_mul(2) < self.limit || self.limit >= self.max {
+            return None;
+        }
+        self.limit = self.limit.saturating_mul(2).max(1).min(self.max);
+        Some(self.limit)
+    }
+}
+
+/// `bidi_streams`: how many streams the peer may open at first.
+fn transport(bidi_streams: u64) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    let streams = u32::try_from(limits.max_tunnel_streams).unwrap_or(u32::MAX);
-    t.max_concurrent_bidi_streams(VarInt::from_u32(streams))
+    let streams = VarInt::from_u64(bidi_streams).unwrap_or(VarInt::MAX);
+    t.max_concurrent_bidi_streams(streams)
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(1)))
         // Windows sized for a few Gbit/s at LAN RTTs; they are limits, not
@@ -69,16 +113,13 @@ pub fn server_config(
     let crypto =
         QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Identity(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport(limits));
+    let credit = StreamCredit::new(limits.max_tunnel_streams);
+    cfg.transport_config(transport(credit.limit()));
     Ok(cfg)
 }
 
 /// The configuration to dial a gateway of POP `pop`.
-pub fn client_config(
-    id: &GatewayIdentity,
-    pop: &str,
-    limits: &Limits,
-) -> Result<quinn::ClientConfig, GatewayError> {
+pub fn client_config(id: &GatewayIdentity, pop: &str) -> Result<quinn::ClientConfig, GatewayError> {
     let tls = switchyard_pki::client_config(
         Some((&id.cert_chain_pem, &id.key_pem)),
         &id.ca_pem,
@@ -92,7 +133,10 @@ pub fn client_config(
     let crypto =
         QuicClientConfig::try_from(tls).map_err(|e| GatewayError::Identity(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport(limits));
+    // Streams go one way: the dialler opens them, the peer serves them
+    // (it dials its own connection for its streams). Allowing none the
+    // other way also spares quinn's per-stream state for them.
+    cfg.transport_config(transport(0));
     Ok(cfg)
 }
 
@@ -107,5 +151,35 @@ pub fn gateway_pop(conn: &quinn::Connection, domain: &str) -> Option<String> {
     match switchyard_pki::peer_identity_from_chain(&chain).ok()? {
         SpiffeId::Gateway { domain: d, pop, .. } if d == domain => Some(pop),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamCredit;
+
+    #[test]
+    fn credit_starts_small_and_doubles_at_half_use() {
+        let mut c = StreamCredit::new(100_000);
+        assert_eq!(c.limit(), 1024);
+        assert_eq!(c.on_open(1), None);
+        assert_eq!(c.on_open(511), None);
+        assert_eq!(c.on_open(512), Some(2048));
+        assert_eq!(c.on_open(513), None);
+        assert_eq!(c.on_open(1024), Some(4096));
+    }
+
+    #[test]
+    fn credit_stops_at_the_maximum() {
+        let mut c = StreamCredit::new(3000);
+        assert_eq!(c.on_open(512), Some(2048));
+        assert_eq!(c.on_open(1024), Some(3000));
+        assert_eq!(c.on_open(2999), None);
+        let mut small = StreamCredit::new(10);
+        assert_eq!(small.limit(), 10);
+        assert_eq!(small.on_open(10), None);
+        let mut none = StreamCredit::new(0);
+        assert_eq!(none.limit(), 0);
+        assert_eq!(none.on_open(1), None);
     }
 }

@@ -2,6 +2,7 @@
 //! a stream per proxied connection, and serving streams from peers.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::copy::{Copy, End};
 use crate::gateway::Shared;
 use crate::header::{Status, StreamHeader};
 use crate::health::{self, ProbeParams, ProbeState};
+use crate::tls::StreamCredit;
 use crate::ServiceKey;
 
 /// How long a peer has to send its stream header.
@@ -304,14 +306,35 @@ pub async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Counts a stream as open while alive.
+struct OpenStream(Arc<AtomicU64>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 async fn serve_conn(shared: Arc<Shared>, conn: quinn::Connection, caller: String) {
+    let mut credit = StreamCredit::new(shared.cfg.limits.max_tunnel_streams);
+    let open = Arc::new(AtomicU64::new(0));
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
+                    let guard = OpenStream(open.clone());
+                    let now = open.fetch_add(1, Relaxed) + 1;
+                    if let Some(limit) = credit.on_open(now) {
+                        conn.set_max_concurrent_bi_streams(
+                            VarInt::from_u64(limit).unwrap_or(VarInt::MAX),
+                        );
+                    }
                     let shared = shared.clone();
                     let caller = caller.clone();
-                    tokio::spawn(async move { serve_stream(shared, send, recv, caller).await });
+                    tokio::spawn(async move {
+                        serve_stream(shared, send, recv, caller).await;
+                        drop(guard);
+                    });
                 }
                 Err(_) => return,
             },

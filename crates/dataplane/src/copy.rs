@@ -29,21 +29,23 @@ pub enum End {
     Cut,
 }
 
-/// Activity of one connection: a counter bumped per chunk moved (no
-/// clock read on the data path).
+/// Activity of one connection: the bytes moved each way (no clock read on
+/// the data path).
 struct Activity {
-    chunks: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
-            chunks: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
-        self.chunks.fetch_add(1, Relaxed);
+    fn moved(&self) -> u64 {
+        self.up.load(Relaxed).wrapping_add(self.down.load(Relaxed))
     }
 
     /// Resolves once nothing moved for a whole check period; checked every
@@ -51,11 +53,11 @@ impl Activity {
     /// `1.25 x idle` after its last byte.
     async fn idle(&self, idle: Duration) {
         let step = (idle / 4).max(Duration::from_millis(1));
-        let mut last = self.chunks.load(Relaxed);
+        let mut last = self.moved();
         let mut quiet = Duration::ZERO;
         loop {
             tokio::time::sleep(step).await;
-            let now = self.chunks.load(Relaxed);
+            let now = self.moved();
             if now == last {
                 quiet += step;
                 if quiet >= idle {
@@ -109,11 +111,10 @@ impl Copy<'_> {
         let act = Activity::new();
         let (cr, cw) = client.into_split();
         let (ur, uw) = upstream.into_split();
-        let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-        let up = pump_tcp(cr, uw, self.buffer, &act, self.up, &up_n);
-        let down = pump_tcp(ur, cw, self.buffer, &act, self.down, &down_n);
+        let up = pump_tcp(cr, uw, self.buffer, self.up, &act.up);
+        let down = pump_tcp(ur, cw, self.buffer, self.down, &act.down);
         let (end, _, _) = self.run(&act, up, down).await;
-        (end, up_n.load(Relaxed), down_n.load(Relaxed))
+        (end, act.up.load(Relaxed), act.down.load(Relaxed))
     }
 
     /// Proxies between a TCP connection and a tunnel stream.
@@ -125,25 +126,24 @@ impl Copy<'_> {
     ) -> (End, u64, u64) {
         let act = Activity::new();
         let (tr, tw) = tcp.into_split();
-        let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-        let up = pump_tcp_to_quic(tr, send, self.buffer, &act, self.up, &up_n);
-        let down = pump_quic_to_tcp(recv, tw, self.buffer, &act, self.down, &down_n);
+        let up = pump_tcp_to_quic(tr, send, self.buffer, self.up, &act.up);
+        let down = pump_quic_to_tcp(recv, tw, self.buffer, self.down, &act.down);
         let (end, _, _) = self.run(&act, up, down).await;
-        (end, up_n.load(Relaxed), down_n.load(Relaxed))
+        (end, act.up.load(Relaxed), act.down.load(Relaxed))
     }
 }
 
-fn count(act: &Activity, total: &AtomicU64, conn: &AtomicU64, n: usize) {
-    act.touch();
+fn count(total: &AtomicU64, conn: &AtomicU64, n: usize) {
     total.fetch_add(n as u64, Relaxed);
-    conn.fetch_add(n as u64, Relaxed);
+    // One writer (this direction's pump) and readers in the same task: a
+    // plain load and store, no locked read-modify-write per chunk.
+    conn.store(conn.load(Relaxed).wrapping_add(n as u64), Relaxed);
 }
 
 async fn pump_tcp(
     mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
     size: usize,
-    act: &Activity,
     total: &AtomicU64,
     conn: &AtomicU64,
 ) -> io::Result<u64> {
@@ -158,7 +158,7 @@ async fn pump_tcp(
                 return Ok(conn.load(Relaxed));
             }
             p.drain_to(w.as_ref(), n).await?;
-            count(act, total, conn, n);
+            count(total, conn, n);
             continue;
         }
         // No buffer is held while the socket is quiet. poll_read_ready
@@ -178,7 +178,7 @@ async fn pump_tcp(
         }
         w.write_all(&buf).await?;
         pool::give(buf);
-        count(act, total, conn, n);
+        count(total, conn, n);
         if n == size {
             pipe = splice::Pipe::new().ok();
         }
@@ -189,7 +189,6 @@ async fn pump_tcp_to_quic(
     r: OwnedReadHalf,
     mut send: quinn::SendStream,
     size: usize,
-    act: &Activity,
     total: &AtomicU64,
     conn: &AtomicU64,
 ) -> io::Result<u64> {
@@ -206,7 +205,7 @@ async fn pump_tcp_to_quic(
             send.write_chunk(buf.freeze())
                 .await
                 .map_err(io::Error::from)?;
-            count(act, total, conn, n);
+            count(total, conn, n);
         }
     }
     .await;
@@ -222,7 +221,6 @@ async fn pump_quic_to_tcp(
     mut recv: quinn::RecvStream,
     mut w: OwnedWriteHalf,
     size: usize,
-    act: &Activity,
     total: &AtomicU64,
     conn: &AtomicU64,
 ) -> io::Result<u64> {
@@ -230,7 +228,7 @@ async fn pump_quic_to_tcp(
         match recv.read_chunk(size, true).await {
             Ok(Some(chunk)) => {
                 w.write_all(&chunk.bytes).await?;
-                count(act, total, conn, chunk.bytes.len());
+                count(total, conn, chunk.bytes.len());
             }
             Ok(None) => {
                 w.shutdown().await?;

@@ -71,60 +71,253 @@ pub const DEFAULT_MIN_HEALTHY_PERMILLE: u32 = 0;
 /// The decision table of POP `pop` from `state`. An unknown POP gets an
 /// empty view (with an epoch that still never goes down).
 pub fn decide(state: &State, pop: &str) -> pb::PopView {
-    let mut epoch = state.tombstone_index;
-    for p in state.policies.values() {
-        epoch = epoch.max(p.updated_index);
+    Prepared::new(state).view(pop)
+}
+
+/// The part of `decide` that is the same for every POP: each POP's
+/// eligibility and each service's exporters with their ready-endpoint
+/// counts, gathered once from one state so that computing many POPs'
+/// views from it costs a pass over compact arrays per POP instead of a
+/// walk through the state's maps (with a thousand POPs exporting the same
+/// services, the maps' scattered keys and endpoint lists were most of the
+/// cost).
+pub struct Prepared<'a> {
+    state: &'a State,
+    /// Tombstone and policy indexes: in every view's epoch.
+    base_epoch: u64,
+    /// Every POP, in name order.
+    book: Vec<BookEntry<'a>>,
+    /// Every global service, in key order.
+    services: Vec<ServiceBase<'a>>,
+}
+
+/// One POP as every other POP sees it.
+struct BookEntry<'a> {
+    pop: &'a pb::Pop,
+    /// Online or Suspect, not damped, not revoked (see the module rules).
+    eligible: bool,
+    /// Largest of its record's and liveness's indexes.
+    index: u64,
+}
+
+/// One global service and its exporters.
+struct ServiceBase<'a> {
+    key: &'a (String, String),
+    svc: &'a pb::GlobalService,
+    policy: Option<&'a pb::TrafficPolicy>,
+    /// Exporters in POP-name order.
+    exporters: Vec<Exporter<'a>>,
+    /// Largest of the service record's index and its exporters' book
+    /// indexes.
+    index: u64,
+}
+
+/// One POP's export of a service.
+struct Exporter<'a> {
+    /// Position of the POP in the book (so: in name order).
+    rank: usize,
+    /// How many of its endpoints are ready.
+    ready: u32,
+    /// All its endpoints, ready or not.
+    total: u64,
+    /// The export: ready endpoints are copied only for chosen targets.
+    export: &'a pb::ServiceExport,
+}
+
+impl<'a> Prepared<'a> {
+    /// Gathers what every view of `state` shares: one pass over the POPs,
+    /// their status and revocations, and the exports.
+    pub fn new(state: &'a State) -> Self {
+        let mut base_epoch = state.tombstone_index;
+        for p in state.policies.values() {
+            base_epoch = base_epoch.max(p.updated_index);
+        }
+        let mut status = state.pop_status.iter().peekable();
+        let revoked_kind = pb::RevocationKind::Pop as i32;
+        let mut revoked = state
+            .revocations
+            .range((revoked_kind, String::new())..)
+            .take_while(|((k, _), _)| *k == revoked_kind)
+            .map(|((_, subject), _)| subject.as_str())
+            .peekable();
+        let book: Vec<BookEntry<'a>> = state
+            .pops
+            .iter()
+            .map(|(name, pop)| {
+                let st = next_for(&mut status, name, |(k, _)| k.as_str()).map(|(_, st)| st);
+                let is_revoked = next_for(&mut revoked, name, |s| s).is_some();
+                let live = st.is_some_and(|st| {
+                    matches!(
+                        pb::PopLiveness::try_from(st.liveness),
+                        Ok(pb::PopLiveness::Online | pb::PopLiveness::Suspect)
+                    ) && !st.damped
+                });
+                BookEntry {
+                    pop,
+                    eligible: live && !is_revoked,
+                    index: pop.updated_index.max(st.map_or(0, |st| st.liveness_index)),
+                }
+            })
+            .collect();
+        // Exports are keyed (namespace, name, POP): one walk meets each
+        // service's exporters together, in POP-name order like the book.
+        let mut services: Vec<ServiceBase<'a>> = Vec::with_capacity(state.services.len());
+        let mut exports = state.exports.iter().peekable();
+        for (key, svc) in &state.services {
+            let mut base = ServiceBase {
+                key,
+                svc,
+                policy: state.policies.get(key),
+                exporters: Vec::new(),
+                index: svc.updated_index,
+            };
+            while let Some(((ns, name, _), _)) = exports.peek() {
+                if (ns.as_str(), name.as_str()) >= (key.0.as_str(), key.1.as_str()) {
+                    break;
+                }
+                exports.next();
+            }
+            let mut at = 0;
+            while let Some(((_, _, q), export)) =
+                exports.next_if(|((ns, name, _), _)| ns == &key.0 && name == &key.1)
+            {
+                // Look forward from the last hit: one comparison when most
+                // POPs export the service, a binary search when few do.
+                let rest = &book[at.min(book.len())..];
+                let skip = match rest.first() {
+                    Some(e) if e.pop.name.as_str() >= q.as_str() => 0,
+                    _ => rest.partition_point(|e| e.pop.name.as_str() < q.as_str()),
+                };
+                at += skip;
+                let rank = at;
+                let Some(entry) = book.get(rank).filter(|e| &e.pop.name == q) else {
+                    continue;
+                };
+                at += 1;
+                base.index = base.index.max(entry.index);
+                base.exporters.push(Exporter {
+                    rank,
+                    ready: u32::try_from(export.endpoints.iter().filter(|e| e.ready).count())
+                        .unwrap_or(u32::MAX),
+                    total: export.endpoints.len() as u64,
+                    export,
+                });
+            }
+            services.push(base);
+        }
+        Self {
+            state,
+            base_epoch,
+            book,
+            services,
+        }
     }
-    let Some(me) = state.pops.get(pop) else {
-        return pb::PopView {
-            pop: pop.to_string(),
-            epoch,
-            services: Vec::new(),
-            peers: Vec::new(),
+
+    /// The decision table of POP `pop` (see [`decide`]).
+    pub fn view(&self, pop: &str) -> pb::PopView {
+        let state = self.state;
+        let mut epoch = self.base_epoch;
+        let Some(me) = state.pops.get(pop) else {
+            return pb::PopView {
+                pop: pop.to_string(),
+                epoch,
+                services: Vec::new(),
+                peers: Vec::new(),
+            };
         };
-    };
-    epoch = epoch.max(me.updated_index);
-    let mut services = Vec::new();
-    for (key, svc) in &state.services {
-        let policy = state.policies.get(key);
-        let export_to = policy.map_or(&[][..], |p| &p.export_to[..]);
-        if !export_to.is_empty() && !export_to.iter().any(|s| selector_matches(s, me)) {
-            continue;
-        }
-        epoch = epoch.max(svc.updated_index);
-        let vip = state
-            .vips
-            .get(&(pop.to_string(), key.0.clone(), key.1.clone()));
-        if let Some(v) = vip {
-            epoch = epoch.max(v.allocated_index);
-        }
-        let members = members(state, me, key, &mut epoch);
-        let mut view = service_view(svc, policy, vip, &members, me);
-        if !export_to.is_empty()
-            && state
-                .exports
-                .contains_key(&(key.0.clone(), key.1.clone(), pop.to_string()))
-        {
-            // This POP's gateway must refuse tunnel streams from POPs the
-            // policy does not export to: it gets the resolved list. Any
-            // POP's record may enter or leave it, so all count.
-            view.import_restricted = true;
-            for p in state.pops.values() {
-                epoch = epoch.max(p.updated_index);
-                if export_to.iter().any(|s| selector_matches(s, p)) {
-                    view.importers.push(p.name.clone());
+        epoch = epoch.max(me.updated_index);
+        let sight = self.sight(me);
+        let mut members = Vec::new();
+        let mut services = Vec::new();
+        for base in &self.services {
+            let (key, policy) = (base.key, base.policy);
+            let export_to = policy.map_or(&[][..], |p| &p.export_to[..]);
+            if !export_to.is_empty() && !export_to.iter().any(|s| selector_matches(s, me)) {
+                continue;
+            }
+            epoch = epoch.max(base.index);
+            let vip = state
+                .vips
+                .get(&(pop.to_string(), key.0.clone(), key.1.clone()));
+            if let Some(v) = vip {
+                epoch = epoch.max(v.allocated_index);
+            }
+            members.clear();
+            let mut mine = false;
+            for x in &base.exporters {
+                let entry = &self.book[x.rank];
+                let seen = &sight[x.rank];
+                epoch = epoch.max(seen.rtt_index);
+                let is_me = entry.pop.name == me.name;
+                mine |= is_me;
+                members.push(Member {
+                    pop: entry.pop,
+                    rank: x.rank,
+                    eligible: is_me || entry.eligible,
+                    distance: seen.distance,
+                    rtt: seen.rtt,
+                    ready: x.ready,
+                    total: x.total,
+                    export: x.export,
+                });
+            }
+            let mut view = service_view(base.svc, policy, vip, &members);
+            if !export_to.is_empty() && mine {
+                // This POP's gateway must refuse tunnel streams from POPs
+                // the policy does not export to: it gets the resolved
+                // list. Any POP's record may enter or leave it, so all
+                // count.
+                view.import_restricted = true;
+                for e in &self.book {
+                    epoch = epoch.max(e.pop.updated_index);
+                    if export_to.iter().any(|s| selector_matches(s, e.pop)) {
+                        view.importers.push(e.pop.name.clone());
+                    }
                 }
             }
+            services.push(view);
         }
-        services.push(view);
+        let peers = peers(state, pop, &services, &mut epoch);
+        pb::PopView {
+            pop: pop.to_string(),
+            epoch,
+            services,
+            peers,
+        }
     }
-    let peers = peers(state, pop, &services, &mut epoch);
-    pb::PopView {
-        pop: pop.to_string(),
-        epoch,
-        services,
-        peers,
+
+    /// Every POP of the book as seen from `me`: topology distance and
+    /// measured RTT (with its index), by rank.
+    fn sight(&self, me: &pb::Pop) -> Vec<Sight> {
+        let mut rtts = self
+            .state
+            .rtts
+            .range((me.name.clone(), String::new())..)
+            .take_while(|((from, _), _)| *from == me.name)
+            .map(|((_, to), r)| (to.as_str(), r))
+            .peekable();
+        self.book
+            .iter()
+            .map(|e| {
+                let rtt = next_for(&mut rtts, &e.pop.name, |(to, _)| to).map(|(_, r)| r);
+                Sight {
+                    distance: distance(me, e.pop),
+                    rtt: rtt.map_or(u32::MAX, |r| r.bucket),
+                    rtt_index: rtt.map_or(0, |r| r.updated_index),
+                }
+            })
+            .collect()
     }
+}
+
+/// Another POP as seen from the deciding one.
+struct Sight {
+    /// Topology distance (see [`distance`]).
+    distance: u8,
+    /// RTT bucket; `u32::MAX` when unmeasured.
+    rtt: u32,
+    /// Index of the RTT entry (0 when unmeasured): part of the epoch.
+    rtt_index: u64,
 }
 
 /// The gateways of the other POPs in any tier of `services`, sorted by POP
@@ -159,78 +352,54 @@ fn peers(
         .collect()
 }
 
-/// One exporting POP of a service, as decide sees it.
+/// Advances a name-ordered iterator past names before `name` and takes
+/// the item named `name`, if any.
+fn next_for<I: Iterator>(
+    it: &mut std::iter::Peekable<I>,
+    name: &str,
+    key: impl Fn(&I::Item) -> &str,
+) -> Option<I::Item> {
+    while it.peek().is_some_and(|i| key(i) < name) {
+        it.next();
+    }
+    it.next_if(|i| key(i) == name)
+}
+
+/// One exporting POP of a service, as the deciding POP sees it.
 struct Member<'a> {
     /// The POP's record (name, labels).
     pop: &'a pb::Pop,
+    /// Its position in POP-name order: ties are broken by comparing this
+    /// rather than the names.
+    rank: usize,
     /// May traffic go there (see the module rules).
     eligible: bool,
-    /// Its ready endpoints, canonical order.
-    ready: Vec<pb::Endpoint>,
-    /// All its endpoints, ready or not.
-    total: u64,
+    /// Topology distance from the deciding POP.
+    distance: u8,
     /// RTT bucket from the deciding POP; `u32::MAX` when unmeasured.
     rtt: u32,
+    /// How many of its endpoints are ready.
+    ready: u32,
+    /// All its endpoints, ready or not.
+    total: u64,
+    /// Its export: ready endpoints are copied only for chosen targets.
+    export: &'a pb::ServiceExport,
 }
 
 impl Member<'_> {
     /// Preference order within a tier: nearer first, then by name.
     fn order(&self, other: &Self) -> Ordering {
-        (self.rtt, &self.pop.name).cmp(&(other.rtt, &other.pop.name))
+        (self.rtt, self.rank).cmp(&(other.rtt, other.rank))
     }
 }
 
-/// Every POP exporting service `key`, in POP-name order, with the indexes
-/// of what was read folded into `epoch`.
-fn members<'a>(
-    state: &'a State,
-    me: &pb::Pop,
-    key: &(String, String),
-    epoch: &mut u64,
-) -> Vec<Member<'a>> {
-    let mut out = Vec::new();
-    let from = (key.0.clone(), key.1.clone(), String::new());
-    for ((ns, name, q), export) in state.exports.range(from..) {
-        if ns != &key.0 || name != &key.1 {
-            break;
-        }
-        let Some(qp) = state.pops.get(q) else {
-            continue;
-        };
-        *epoch = (*epoch).max(qp.updated_index);
-        if let Some(st) = state.pop_status.get(q) {
-            *epoch = (*epoch).max(st.liveness_index);
-        }
-        let rtt = match state.rtts.get(&(me.name.clone(), q.clone())) {
-            Some(r) => {
-                *epoch = (*epoch).max(r.updated_index);
-                r.bucket
-            }
-            None => u32::MAX,
-        };
-        out.push(Member {
-            pop: qp,
-            eligible: q == &me.name || state.is_eligible(q),
-            ready: export
-                .endpoints
-                .iter()
-                .filter(|e| e.ready)
-                .cloned()
-                .collect(),
-            total: export.endpoints.len() as u64,
-            rtt,
-        });
-    }
-    out
-}
-
-/// Builds one service's view for POP `me`.
+/// Builds one service's view from its members (as seen from the deciding
+/// POP).
 fn service_view(
     svc: &pb::GlobalService,
     policy: Option<&pb::TrafficPolicy>,
     vip: Option<&pb::VipAllocation>,
     members: &[Member<'_>],
-    me: &pb::Pop,
 ) -> pb::ServiceView {
     let mode = policy
         .and_then(|p| pb::PolicyMode::try_from(p.mode).ok())
@@ -240,7 +409,7 @@ fn service_view(
         pb::PolicyMode::Locality => {
             let mut by_distance: BTreeMap<u8, Vec<&Member<'_>>> = BTreeMap::new();
             for m in members {
-                by_distance.entry(distance(me, m.pop)).or_default().push(m);
+                by_distance.entry(m.distance).or_default().push(m);
             }
             by_distance.into_values().collect()
         }
@@ -283,7 +452,7 @@ fn service_view(
     let tiers = spill(raw, min_healthy, |m| {
         match weight_of.get(m.pop.name.as_str()) {
             Some(w) => *w,
-            None => u32::try_from(m.ready.len()).unwrap_or(u32::MAX),
+            None => m.ready,
         }
     });
 
@@ -334,7 +503,7 @@ fn spill(
         let ready: u64 = acc
             .iter()
             .filter(|m| m.eligible)
-            .map(|m| m.ready.len() as u64)
+            .map(|m| u64::from(m.ready))
             .sum();
         let total: u64 = acc.iter().map(|m| m.total).sum();
         let healthy = ready > 0 && ready * 1000 >= u64::from(min_healthy) * total;
@@ -343,17 +512,28 @@ fn spill(
         }
         let mut members: Vec<&Member<'_>> = std::mem::take(&mut acc)
             .into_iter()
-            .filter(|m| m.eligible && !m.ready.is_empty())
+            .filter(|m| m.eligible && m.ready > 0)
             .collect();
+        // Only the best `room` are kept: select them before sorting, so a
+        // tier of a thousand POPs costs a partition, not a full sort.
+        if members.len() > room {
+            members.select_nth_unstable_by(room - 1, |a, b| a.order(b));
+            members.truncate(room);
+        }
         members.sort_by(|a, b| a.order(b));
-        members.truncate(room);
         room -= members.len();
         let targets: Vec<pb::Target> = members
             .into_iter()
             .map(|m| pb::Target {
                 pop: m.pop.name.clone(),
                 weight: weight(m),
-                endpoints: m.ready.clone(),
+                endpoints: m
+                    .export
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .cloned()
+                    .collect(),
             })
             .collect();
         if !targets.is_empty() {

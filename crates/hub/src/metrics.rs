@@ -25,6 +25,11 @@ pub const COMMIT_INDEX: &str = "switchyard_hub_raft_commit_index";
 pub const APPLIED_INDEX: &str = "switchyard_hub_raft_applied_index";
 /// gRPC responses by method and status code.
 pub const GRPC_RESPONSES: &str = "switchyard_hub_grpc_responses_total";
+/// Seconds one pass of view computation took (every due uplink session of
+/// this node).
+pub const VIEW_PASS: &str = "switchyard_hub_view_pass_seconds";
+/// POP views computed by this node.
+pub const VIEWS_COMPUTED: &str = "switchyard_hub_views_computed_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -57,6 +62,8 @@ fn describe() {
     metrics::describe_gauge!(COMMIT_INDEX, "Committed log index");
     metrics::describe_gauge!(APPLIED_INDEX, "Applied log index");
     metrics::describe_counter!(GRPC_RESPONSES, "gRPC responses by method and code");
+    metrics::describe_histogram!(VIEW_PASS, "One pass computing the due sessions' views (s)");
+    metrics::describe_counter!(VIEWS_COMPUTED, "POP views computed for uplink sessions");
 }
 
 /// Counts one refused request.

@@ -8,6 +8,9 @@
 //! - [`server`]: the quinn I/O shell (listener, one driver per connection,
 //!   proposals, view pushes, damping timer).
 //! - [`enrol`]: the `Enrolment` gRPC service and POP certificate signing.
+//! - [`udp`]: the uplink's UDP socket, with large kernel buffers.
+//! - `views`: every session's view on one node, computed together from one
+//!   shared preparation of the state.
 //!
 //! Wire rules: `docs/protocol.md`, "Agent <-> hub uplink".
 
@@ -15,6 +18,8 @@ pub mod detector;
 pub mod enrol;
 pub mod server;
 pub mod session;
+pub mod udp;
+mod views;
 
 pub use detector::{Detector, DetectorConfig, Liveness};
 pub use session::{

@@ -13,9 +13,9 @@
 //! - reads in bounded chunks, writes what the session produces, feeds
 //!   datagrams and timers;
 //! - on every applied Raft index: revocation check (close within one
-//!   applied change); `decide` for the POP runs in its own task
-//!   ([`compute_views`], one at a time per node) and its view is given to
-//!   the session when its epoch moved.
+//!   applied change); the POP's view is computed with every other
+//!   session's on this node by one task (`super::views`) and given to the
+//!   session when its epoch moved.
 //!
 //! QUIC application close codes are the numeric values of
 //! [`pb::UplinkErrorCode`] (0 = normal close).
@@ -64,6 +64,7 @@ use tokio::{
 
 use super::{
     enrol::{federation_ca, sign_gateway_csr, sign_pop_csr},
+    views::{self, ViewBoard},
     CloseReason, HubEvent, HubSession, HubSessionConfig, Liveness,
 };
 use crate::{metrics, node::Hub, server::admin::now_ms};
@@ -92,7 +93,14 @@ pub const DAMPING_ENDED: &str = "switchyard_hub_uplink_damping_ended_total";
 const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Stop pulling frames from the session while this much is unwritten
 /// (bytes): views then coalesce in the session instead of piling up here.
-const MAX_PENDING_WRITE: usize = 256 * 1024;
+const MAX_PENDING_WRITE: usize = 64 * 1024;
+
+/// Bytes quinn may hold written but not yet acknowledged per connection.
+/// A view is state, not a stream of events: an agent that reads slowly
+/// should get the newest view when it catches up, not every intermediate
+/// one, so little is buffered (256 KiB still moves 2.5 MB/s at 100 ms RTT;
+/// a larger frame just takes several round trips).
+const SEND_WINDOW: u64 = 256 * 1024;
 /// How long a closing connection waits for the agent to read our last
 /// frames and close first, before we close it (well under the 1 s
 /// revocation budget).
@@ -169,8 +177,8 @@ struct Shared {
     next_session: AtomicU64,
     registry: Mutex<Registry>,
     shutdown: watch::Receiver<bool>,
-    /// One `decide` at a time on this node (see [`compute_views`]).
-    decide_permits: Semaphore,
+    /// Computes the views of every session on this node.
+    views: Arc<ViewBoard>,
 }
 
 impl Shared {
@@ -263,6 +271,10 @@ pub fn quic_server_config(
             (wire::MAX_AGENT_FRAME + MAX_READ_CHUNK) as u32,
         ))
         .receive_window(VarInt::from_u32(2 * wire::MAX_AGENT_FRAME as u32))
+        // quinn buffers up to this much written-but-unacknowledged data per
+        // connection (default 10 MiB): a thousand slow agents could hold
+        // gigabytes of stale views. Views coalesce in the session instead.
+        .send_window(SEND_WINDOW)
         .datagram_receive_buffer_size(Some(64 * 1024));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
@@ -284,8 +296,8 @@ pub fn start(
 ) -> Result<UplinkServer, UplinkStartError> {
     options.session.hub_node = hub.id().to_string();
     let config = quic_server_config(tls, &options)?;
-    let endpoint =
-        quinn::Endpoint::server(config, listen).map_err(|source| UplinkStartError::Bind {
+    let endpoint = super::udp::endpoint(listen, super::udp::UPLINK_SOCKET_BUFFER, Some(config))
+        .map_err(|source| UplinkStartError::Bind {
             addr: listen,
             source,
         })?;
@@ -306,7 +318,7 @@ pub fn start(
         registry: Mutex::new(Registry::default()),
         shutdown: shutdown_rx,
         options,
-        decide_permits: Semaphore::new(1),
+        views: Arc::new(ViewBoard::default()),
     });
     let limit = Arc::new(Semaphore::new(shared.options.max_connections.max(1)));
     let accept = {
@@ -328,13 +340,18 @@ pub fn start(
         })
     };
     let damping = tokio::spawn(damping_timer(shared.clone()));
+    let views = tokio::spawn(views::run(
+        hub.clone(),
+        shared.views.clone(),
+        shared.applied.clone(),
+    ));
     tracing::info!(%addr, "uplink (QUIC) listening");
     Ok(UplinkServer {
         endpoint,
         addr,
         shared,
         shutdown: shutdown_tx,
-        tasks: vec![accept, damping],
+        tasks: vec![accept, damping, views],
     })
 }
 
@@ -467,7 +484,7 @@ struct Driver {
     dropped_datagrams: u64,
     /// The agent's address as last seen (connection migration changes it).
     last_remote: SocketAddr,
-    /// The POP's newest view, from [`compute_views`].
+    /// The POP's newest view, from the node's [`ViewBoard`].
     views: watch::Receiver<Option<Arc<pb::PopView>>>,
 }
 
@@ -484,13 +501,7 @@ impl Driver {
         let pop = session.pop().to_string();
         let session_id = session.session_id();
         let last_remote = conn.remote_address();
-        let (views_tx, views) = watch::channel(None);
-        tokio::spawn(compute_views(
-            shared.clone(),
-            pop.clone(),
-            shared.applied.clone(),
-            views_tx,
-        ));
+        let views = shared.views.join(session_id, &pop);
         tokio::spawn(commit_liveness(
             shared.hub.clone(),
             pop.clone(),
@@ -1034,43 +1045,6 @@ impl Driver {
             }
             busy.store(false, Ordering::Relaxed);
         });
-    }
-}
-
-/// Computes the POP's view after every applied change and publishes it
-/// (newest wins) to the session's driver. Views are computed outside the
-/// driver so a slow `decide` never delays the driver's heartbeats, and one
-/// at a time per node (`decide_permits`): with a thousand POPs and large
-/// views, decide gets one core while I/O and detectors keep the other, and
-/// changes that arrive meanwhile coalesce into the next computation.
-async fn compute_views(
-    shared: Arc<Shared>,
-    pop: String,
-    mut applied: watch::Receiver<u64>,
-    tx: watch::Sender<Option<Arc<pb::PopView>>>,
-) {
-    let mut last_epoch = 0;
-    loop {
-        let permit = tokio::select! {
-            p = shared.decide_permits.acquire() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = tx.closed() => return,
-        };
-        applied.borrow_and_update();
-        let view = shared.hub.local(|s| crate::decide::decide(s, &pop));
-        drop(permit);
-        if view.epoch > last_epoch {
-            last_epoch = view.epoch;
-            if tx.send(Some(Arc::new(view))).is_err() {
-                return;
-            }
-        }
-        tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
-            _ = tx.closed() => return,
-        }
     }
 }
 

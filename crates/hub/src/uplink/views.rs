@@ -1,0 +1,139 @@
+//! The views of every uplink session on one hub node, computed together.
+//!
+//! Every session needs `decide(state, its POP)` after each applied change.
+//! Computing them one session at a time repeats the part of `decide` that
+//! is the same for every POP (each POP's eligibility, each service's
+//! exporters) once per session; with a thousand POPs exporting the same
+//! services that repeated part was almost all of the work. Here one task
+//! per node gathers it once ([`Prepared`]) and derives each due session's
+//! view from it, in chunks so the state's read lock is never held for
+//! long, and outside every session's driver so a slow pass never delays
+//! heartbeats. Changes applied during a pass coalesce into the next one.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use switchyard_proto::pb;
+use tokio::sync::{watch, Notify};
+
+use crate::{decide::Prepared, metrics, node::Hub};
+
+/// Views computed under one hold of the state's read lock: bounds how long
+/// a writer (the Raft apply) can wait behind a pass, at about 0.5 ms per
+/// view for a thousand POPs exporting twenty services each.
+const VIEWS_PER_LOCK: usize = 32;
+
+/// A session's place at the board.
+struct Seat {
+    pop: String,
+    tx: watch::Sender<Option<Arc<pb::PopView>>>,
+    /// Applied index the last view was computed at; 0: never.
+    computed_at: u64,
+    /// Epoch of the last view sent.
+    sent_epoch: u64,
+}
+
+/// The sessions whose views this node computes.
+#[derive(Default)]
+pub(crate) struct ViewBoard {
+    seats: Mutex<HashMap<u64, Seat>>,
+    /// A seat was added: run a pass even if nothing was applied.
+    wake: Notify,
+}
+
+impl ViewBoard {
+    /// Registers session `session_id` of `pop`; its views (newest wins)
+    /// arrive on the returned receiver, the first one on the next pass.
+    /// The seat is dropped once the receiver is.
+    pub(crate) fn join(
+        &self,
+        session_id: u64,
+        pop: &str,
+    ) -> watch::Receiver<Option<Arc<pb::PopView>>> {
+        let (tx, rx) = watch::channel(None);
+        if let Ok(mut seats) = self.seats.lock() {
+            seats.insert(
+                session_id,
+                Seat {
+                    pop: pop.to_string(),
+                    tx,
+                    computed_at: 0,
+                    sent_epoch: 0,
+                },
+            );
+        }
+        self.wake.notify_one();
+        rx
+    }
+
+    /// Seats whose view is older than `applied` (dropping the seats whose
+    /// session is gone), as (session id, POP).
+    fn due(&self, applied: u64) -> Vec<(u64, String)> {
+        let Ok(mut seats) = self.seats.lock() else {
+            return Vec::new();
+        };
+        seats.retain(|_, s| !s.tx.is_closed());
+        seats
+            .iter()
+            .filter(|(_, s)| s.computed_at == 0 || s.computed_at < applied)
+            .map(|(id, s)| (*id, s.pop.clone()))
+            .collect()
+    }
+
+    /// Hands `view` (computed at `applied`) to session `id` if its epoch
+    /// moved.
+    fn deliver(&self, id: u64, applied: u64, view: pb::PopView) {
+        let Ok(mut seats) = self.seats.lock() else {
+            return;
+        };
+        let Some(seat) = seats.get_mut(&id) else {
+            return;
+        };
+        seat.computed_at = applied.max(1);
+        if view.epoch > seat.sent_epoch || seat.sent_epoch == 0 {
+            seat.sent_epoch = view.epoch;
+            let _ = seat.tx.send(Some(Arc::new(view)));
+        }
+    }
+}
+
+/// Runs passes until `applied` closes (the node is stopping): after every
+/// applied change, and whenever a session joins.
+pub(crate) async fn run(hub: Hub, board: Arc<ViewBoard>, mut applied: watch::Receiver<u64>) {
+    loop {
+        let at = *applied.borrow_and_update();
+        let due = board.due(at);
+        let started = tokio::time::Instant::now();
+        for chunk in due.chunks(VIEWS_PER_LOCK) {
+            // CPU work off the async workers, so the drivers' heartbeats
+            // and the detectors keep running during a long pass.
+            let (h, pops) = (hub.clone(), chunk.to_vec());
+            let views = tokio::task::spawn_blocking(move || {
+                h.local(|s| {
+                    let prepared = Prepared::new(s);
+                    pops.iter()
+                        .map(|(id, pop)| (*id, prepared.view(pop)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .await;
+            let Ok(views) = views else {
+                // The pool is shutting down with the runtime.
+                return;
+            };
+            for (id, view) in views {
+                board.deliver(id, at, view);
+            }
+        }
+        if !due.is_empty() {
+            ::metrics::histogram!(metrics::VIEW_PASS).record(started.elapsed().as_secs_f64());
+            ::metrics::counter!(metrics::VIEWS_COMPUTED).increment(due.len() as u64);
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = board.wake.notified() => {}
+        }
+    }
+}

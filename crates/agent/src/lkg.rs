@@ -269,7 +269,7 @@ impl Lkg {
     }
 
     /// [`Lkg::store`] on tokio's blocking pool.
-    pub async fn store_async(&self, view: PopView) -> Result<(), LkgError> {
+    pub async fn store_async(&self, view: std::sync::Arc<PopView>) -> Result<(), LkgError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.store(&view))
             .await
@@ -675,12 +675,12 @@ mod tests {
     async fn async_wrappers() {
         let dir = tempfile::tempdir().unwrap();
         let lkg = Lkg::new(dir.path());
-        lkg.store_async(view(6)).await.unwrap();
+        lkg.store_async(view(6).into()).await.unwrap();
         assert_eq!(
             Lkg::load_async(dir.path().to_path_buf()).await.unwrap(),
             Some(view(6))
         );
-        assert!(lkg.store_async(view(1)).await.is_err());
+        assert!(lkg.store_async(view(1).into()).await.is_err());
     }
 
     proptest::proptest! {

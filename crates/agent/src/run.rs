@@ -903,7 +903,7 @@ impl Shell {
         }
     }
 
-    async fn apply_view(&self, session: &mut AgentSession, view: pb::PopView) {
+    async fn apply_view(&self, session: &mut AgentSession, view: Arc<pb::PopView>) {
         let epoch = view.epoch;
         match self.lkg.store_async(view.clone()).await {
             Ok(()) => session.view_persisted(epoch),
@@ -918,7 +918,10 @@ impl Shell {
             }
         }
         tracing::debug!(epoch, services = view.services.len(), "view applied");
-        self.status.publish(view, ViewSource::Hub);
+        // The session keeps its own reference (the base of the next
+        // delta), so this is the one copy the runtime makes.
+        self.status
+            .publish(pb::PopView::clone(&view), ViewSource::Hub);
     }
 
     async fn exports_acked(&self, seq: u64) {

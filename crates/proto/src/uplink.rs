@@ -443,6 +443,12 @@ pub enum DeltaError {
 /// Applies `delta` to `old`: the inverse of [`diff_views`], so
 /// `apply_delta(old, &diff_views(old, new)) == canonical_view(new)`. Pure.
 pub fn apply_delta(old: &pb::PopView, delta: &pb::ViewDelta) -> Result<pb::PopView, DeltaError> {
+    check_delta(old, delta)?;
+    Ok(apply_checked_delta(old.clone(), delta))
+}
+
+/// Whether `delta` applies to `old` (see [`apply_checked_delta`]).
+pub fn check_delta(old: &pb::PopView, delta: &pb::ViewDelta) -> Result<(), DeltaError> {
     if delta.from_epoch != old.epoch {
         return Err(DeltaError::BaseMismatch {
             from: delta.from_epoch,
@@ -455,10 +461,18 @@ pub fn apply_delta(old: &pb::PopView, delta: &pb::ViewDelta) -> Result<pb::PopVi
             to: delta.epoch,
         });
     }
-    let mut map: BTreeMap<(String, String), pb::ServiceView> = old
-        .services
-        .iter()
-        .map(|s| (service_key(s.service.as_ref()), s.clone()))
+    Ok(())
+}
+
+/// [`apply_delta`] on a view the caller owns and has checked with
+/// [`check_delta`]: unchanged services move instead of being copied, which
+/// matters when a view holds thousands of targets and deltas are small.
+pub fn apply_checked_delta(old: pb::PopView, delta: &pb::ViewDelta) -> pb::PopView {
+    let mut old = old;
+    let services = std::mem::take(&mut old.services);
+    let mut map: BTreeMap<(String, String), pb::ServiceView> = services
+        .into_iter()
+        .map(|s| (service_key(s.service.as_ref()), s))
         .collect();
     for k in &delta.removals {
         map.remove(&service_key(Some(k)));
@@ -469,11 +483,11 @@ pub fn apply_delta(old: &pb::PopView, delta: &pb::ViewDelta) -> Result<pb::PopVi
     // Without a header (an older sender), the top-level fields stay.
     let mut view = match &delta.header {
         Some(h) => h.clone(),
-        None => old.clone(),
+        None => old,
     };
     view.epoch = delta.epoch;
     view.services = map.into_values().collect();
-    Ok(view)
+    view
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! last-known-good view and the persisted export seq.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::bytes::Bytes;
@@ -22,8 +23,8 @@ use switchyard_proto::pb;
 use switchyard_proto::pb::uplink_datagram::Kind as DatagramKind;
 use switchyard_proto::pb::uplink_frame::Kind as FrameKind;
 use switchyard_proto::uplink::{
-    self as wire, apply_delta, canonical_view, check_export, encode_datagram, Direction,
-    FrameReader, UplinkError,
+    self as wire, apply_checked_delta, canonical_view, check_delta, check_export, encode_datagram,
+    Direction, FrameReader, UplinkError,
 };
 
 /// Settings of the agent's sessions.
@@ -146,8 +147,9 @@ pub enum AgentEvent {
     },
     /// Persist this view as last-known-good (then call
     /// [`AgentSession::view_persisted`]) and serve it. Its epoch is never
-    /// below one applied before (fencing).
-    ApplyView(pb::PopView),
+    /// below one applied before (fencing). Shared with the session, which
+    /// keeps it as the base of the next delta.
+    ApplyView(Arc<pb::PopView>),
     /// A view from the hub was refused and the hub told so.
     ViewRefused {
         /// The refused epoch.
@@ -278,7 +280,9 @@ pub struct AgentSession {
     stats: AgentSessionStats,
 
     // Views.
-    view: Option<pb::PopView>,
+    /// Shared with the last `ApplyView` event: when the runtime has let go
+    /// of it by the next delta, the delta is applied without a copy.
+    view: Option<Arc<pb::PopView>>,
     applied_epoch: u64,
     persisted_epoch: u64,
     /// Last ViewAck sent on this session.
@@ -330,7 +334,7 @@ impl AgentSession {
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
             stats: AgentSessionStats::default(),
-            view: resume.view,
+            view: resume.view.map(Arc::new),
             applied_epoch,
             persisted_epoch: resume.persisted_epoch,
             acked_epoch: 0,
@@ -358,7 +362,7 @@ impl AgentSession {
     /// when the connection is gone).
     pub fn into_resume(self) -> AgentResume {
         AgentResume {
-            view: self.view,
+            view: self.view.map(Arc::unwrap_or_clone),
             applied_epoch: self.applied_epoch,
             persisted_epoch: self.persisted_epoch,
             last_acked_export_seq: self.acked_seq,
@@ -387,7 +391,7 @@ impl AgentSession {
 
     /// The view held, if any.
     pub fn view(&self) -> Option<&pb::PopView> {
-        self.view.as_ref()
+        self.view.as_deref()
     }
 
     /// Highest export seq the hub acknowledged.
@@ -811,13 +815,26 @@ impl AgentSession {
             self.refuse_view(d.epoch, pb::ViewRefusal::BaseMismatch);
             return;
         };
-        match apply_delta(held, &d) {
-            Err(_) => self.refuse_view(d.epoch, pb::ViewRefusal::BaseMismatch),
-            Ok(v) if v.pop != self.config.pop => {
-                self.refuse_view(d.epoch, pb::ViewRefusal::WrongPop)
-            }
-            Ok(v) => self.accept_view(v),
+        if check_delta(held, &d).is_err() {
+            self.refuse_view(d.epoch, pb::ViewRefusal::BaseMismatch);
+            return;
         }
+        let pop = d.header.as_ref().map_or(&held.pop, |h| &h.pop);
+        if *pop != self.config.pop {
+            self.refuse_view(d.epoch, pb::ViewRefusal::WrongPop);
+            return;
+        }
+        if d.epoch == held.epoch {
+            // Possibly the view already held: keep it to compare with.
+            let view = apply_checked_delta(pb::PopView::clone(held), &d);
+            self.accept_view(view);
+            return;
+        }
+        let Some(held) = self.view.take() else {
+            return;
+        };
+        let view = apply_checked_delta(Arc::unwrap_or_clone(held), &d);
+        self.accept_view(view);
     }
 
     /// Takes a view whose epoch is not below the applied one (checked by
@@ -828,13 +845,14 @@ impl AgentSession {
             self.refuse_view(view.epoch, pb::ViewRefusal::StaleEpoch);
             return;
         }
-        if self.view.as_ref() == Some(&view) {
+        if self.view.as_deref() == Some(&view) {
             // Already held (a reconnect to a node at the same epoch): no
             // re-apply, no rewrite; ack if it is on disk.
             self.maybe_ack_view();
             return;
         }
         self.applied_epoch = view.epoch;
+        let view = Arc::new(view);
         self.view = Some(view.clone());
         self.stats.views_applied += 1;
         self.events.push_back(AgentEvent::ApplyView(view));

@@ -358,7 +358,7 @@ fn a_view_is_acked_only_once_persisted() {
     s.handle_frame(t0, snapshot(view(5, &["a", "b"])));
     assert_eq!(
         events(&mut s),
-        vec![AgentEvent::ApplyView(view(5, &["a", "b"]))]
+        vec![AgentEvent::ApplyView(view(5, &["a", "b"]).into())]
     );
     assert!(frames(&mut s).is_empty(), "no ack before persisted");
     let d = diff_views(&view(5, &["a", "b"]), &view(7, &["a", "c"]));

@@ -484,7 +484,11 @@ async fn main() -> Result<()> {
     let conns: Vec<Result<quinn::Connection>> = stream::iter(pops.iter().enumerate())
         .map(|(i, pop)| {
             if i % CONNS_PER_ENDPOINT == 0 {
-                match quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))) {
+                match switchyard_hub::uplink::udp::endpoint(
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    switchyard_hub::uplink::udp::UPLINK_SOCKET_BUFFER,
+                    None,
+                ) {
                     Ok(ep) => endpoints.push(ep),
                     Err(e) => {
                         return futures::future::Either::Left(async move {

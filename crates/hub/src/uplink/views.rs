@@ -137,3 +137,50 @@ pub(crate) async fn run(hub: Hub, board: Arc<ViewBoard>, mut applied: watch::Rec
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(pop: &str, epoch: u64) -> pb::PopView {
+        pb::PopView {
+            pop: pop.into(),
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_new_seat_is_due_then_only_after_the_applied_index_moves() {
+        let board = ViewBoard::default();
+        let mut rx = board.join(1, "a");
+        assert_eq!(board.due(10), vec![(1, "a".to_string())]);
+        board.deliver(1, 10, view("a", 7));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().epoch, 7);
+        assert!(board.due(10).is_empty(), "computed at 10 already");
+        assert_eq!(board.due(11).len(), 1);
+    }
+
+    #[test]
+    fn a_view_whose_epoch_did_not_move_is_not_sent_again() {
+        let board = ViewBoard::default();
+        let mut rx = board.join(1, "a");
+        board.deliver(1, 10, view("a", 7));
+        rx.borrow_and_update();
+        board.deliver(1, 11, view("a", 7));
+        assert!(!rx.has_changed().unwrap());
+        board.deliver(1, 12, view("a", 9));
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().epoch, 9);
+    }
+
+    #[test]
+    fn a_seat_goes_when_its_session_drops_the_receiver() {
+        let board = ViewBoard::default();
+        let rx = board.join(1, "a");
+        let _keep = board.join(2, "b");
+        drop(rx);
+        assert_eq!(board.due(1), vec![(2, "b".to_string())]);
+        assert_eq!(board.seats.lock().unwrap().len(), 1);
+    }
+}

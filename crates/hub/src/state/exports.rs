@@ -64,14 +64,19 @@ impl State {
             withdrawals.push(k);
         }
         if c.full {
-            // Everything this POP exports that the batch does not name.
+            // Everything this POP exports that the batch does not name. A
+            // POP can only export global services (one exists exactly while
+            // someone exports it), so look those up rather than scan every
+            // POP's exports.
             let mine: Vec<Key> = self
-                .exports
+                .services
                 .keys()
-                .filter(|(ns, name, pop)| {
-                    *pop == c.pop && !named.contains(&(ns.clone(), name.clone()))
+                .filter(|k| !named.contains(*k))
+                .filter(|(ns, name)| {
+                    self.exports
+                        .contains_key(&(ns.clone(), name.clone(), c.pop.clone()))
                 })
-                .map(|(ns, name, _)| (ns.clone(), name.clone()))
+                .cloned()
                 .collect();
             withdrawals.extend(mine);
         }
@@ -118,7 +123,7 @@ impl State {
             .or_insert_with(|| new_status(&c.pop))
             .last_export_seq = c.seq;
         for k in touched {
-            self.recompute_service(index, &k);
+            self.update_service_for_pop(index, &k, &c.pop);
         }
         pb::CommandResult {
             export_seq: c.seq,
@@ -155,19 +160,7 @@ impl State {
         let conflicts = exports
             .iter()
             .filter(|e| e.pop != winner.pop)
-            .filter_map(|e| {
-                let mut what = Vec::new();
-                if e.ports != winner.ports {
-                    what.push("ports");
-                }
-                if e.r#type != winner.r#type {
-                    what.push("type");
-                }
-                (!what.is_empty()).then(|| pb::ExportConflict {
-                    pop: e.pop.clone(),
-                    reason: what.join(","),
-                })
-            })
+            .filter_map(|e| conflict_with(e, winner))
             .collect();
         let mut g = pb::GlobalService {
             service: winner.service.clone(),
@@ -198,6 +191,60 @@ impl State {
                 self.allocate_vip(index, &p, k, used);
             }
         }
+    }
+
+    /// [`State::recompute_service`] after a change of POP `pop`'s export
+    /// of `k` alone. While the oldest export (the winner) stays the same,
+    /// only `pop`'s entries in the conflict and POP lists (both in POP-name
+    /// order) can change, so they are patched; otherwise, or when `pop` is
+    /// the winner, the service is rebuilt from every export. A thousand
+    /// POPs exporting one service made every export commit rebuild those
+    /// lists from a thousand exports.
+    fn update_service_for_pop(&mut self, index: u64, k: &Key, pop: &str) {
+        let Some(old) = self.services.get(k) else {
+            return self.recompute_service(index, k);
+        };
+        if old.defined_by == pop {
+            return self.recompute_service(index, k);
+        }
+        let Some(winner) = self
+            .exports
+            .get(&(k.0.clone(), k.1.clone(), old.defined_by.clone()))
+        else {
+            return self.recompute_service(index, k);
+        };
+        let mine = self
+            .exports
+            .get(&(k.0.clone(), k.1.clone(), pop.to_string()));
+        if let Some(e) = mine {
+            if (e.exported_index, &e.pop) < (winner.exported_index, &winner.pop) {
+                return self.recompute_service(index, k);
+            }
+        }
+        let conflict = mine.and_then(|e| conflict_with(e, winner));
+        let exports = mine.is_some();
+        let Some(g) = self.services.get_mut(k) else {
+            return;
+        };
+        match (
+            g.conflicts.binary_search_by(|c| c.pop.as_str().cmp(pop)),
+            conflict,
+        ) {
+            (Ok(i), Some(c)) => g.conflicts[i] = c,
+            (Ok(i), None) => {
+                g.conflicts.remove(i);
+            }
+            (Err(i), Some(c)) => g.conflicts.insert(i, c),
+            (Err(_), None) => {}
+        }
+        match g.pops.binary_search_by(|p| p.as_str().cmp(pop)) {
+            Ok(i) if !exports => {
+                g.pops.remove(i);
+            }
+            Err(i) if exports => g.pops.insert(i, pop.to_string()),
+            _ => {}
+        }
+        g.updated_index = g.updated_index.max(index);
     }
 
     /// Addresses already allocated at POP `pop`, in its range's family.
@@ -586,6 +633,22 @@ fn canonical_export(e: &pb::ServiceExport) -> Result<pb::ServiceExport, String> 
         endpoints: endpoints.into_values().collect(),
         exported_index: 0,
         updated_index: 0,
+    })
+}
+
+/// The MCS conflict of export `e` with the winning export, if its ports or
+/// type differ.
+fn conflict_with(e: &pb::ServiceExport, winner: &pb::ServiceExport) -> Option<pb::ExportConflict> {
+    let mut what = Vec::new();
+    if e.ports != winner.ports {
+        what.push("ports");
+    }
+    if e.r#type != winner.r#type {
+        what.push("type");
+    }
+    (!what.is_empty()).then(|| pb::ExportConflict {
+        pop: e.pop.clone(),
+        reason: what.join(","),
     })
 }
 

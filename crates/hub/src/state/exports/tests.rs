@@ -621,3 +621,77 @@ fn dev_blocks_follow_pops_through_removal_and_snapshots() {
     let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
     assert_eq!(back, s, "the derived index is rebuilt from the snapshot");
 }
+
+mod incremental {
+    use proptest::prelude::*;
+    use switchyard_proto::pb;
+
+    use crate::state::testkit::*;
+    use crate::state::State;
+
+    /// One export command of a random POP: upserts (service, port, type,
+    /// ready) and withdrawals of service numbers, maybe as a full set.
+    type Step = (usize, Vec<(usize, u32, bool, bool)>, Vec<usize>, bool);
+
+    fn step() -> impl Strategy<Value = Step> {
+        (
+            0..5usize,
+            proptest::collection::vec((0..3usize, 80..82u32, any::<bool>(), any::<bool>()), 0..3),
+            proptest::collection::vec(0..3usize, 0..2),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        /// Patching a service after one POP's export changed gives exactly
+        /// what rebuilding it from every export gives.
+        #[test]
+        fn patched_services_equal_rebuilt_ones(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut s = State::default();
+            let pops = ["a", "b", "c", "d", "e"];
+            let mut i = run(&mut s, 1, &[init()]);
+            for p in pops {
+                i = run(&mut s, i, &[pop(p, "", "", "")]);
+            }
+            let mut seq = [0u64; 5];
+            for (p, upserts, withdrawals, full) in steps {
+                seq[p] += 1;
+                let mut named = std::collections::BTreeSet::new();
+                let upserts: Vec<pb::ServiceExport> = upserts
+                    .into_iter()
+                    .filter(|(svc, ..)| named.insert(*svc))
+                    .map(|(svc, port, headless, ready)| {
+                        let mut e = export("ns", &format!("s{svc}"), port, &[ready]);
+                        if headless {
+                            e.r#type = pb::ServiceType::Headless as i32;
+                        }
+                        e
+                    })
+                    .collect();
+                let withdrawals = withdrawals
+                    .into_iter()
+                    .filter(|svc| !named.contains(svc))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .map(|svc| key("ns", &format!("s{svc}")))
+                    .collect();
+                let mut c = exports(pops[p], seq[p], upserts, withdrawals);
+                if let Some(pb::command::Kind::ApplyExports(a)) = c.kind.as_mut() {
+                    a.full = full;
+                }
+                i = run(&mut s, i, &[c]);
+                for k in s.services.keys().cloned().collect::<Vec<_>>() {
+                    let mut rebuilt = s.clone();
+                    rebuilt.recompute_service(i - 1, &k);
+                    // A rebuild moves the index even of an untouched
+                    // service; everything else must match.
+                    let mut rebuilt = rebuilt.services.remove(&k);
+                    if let (Some(r), Some(have)) = (rebuilt.as_mut(), s.services.get(&k)) {
+                        r.updated_index = have.updated_index;
+                    }
+                    prop_assert_eq!(rebuilt.as_ref(), s.services.get(&k));
+                }
+            }
+        }
+    }
+}

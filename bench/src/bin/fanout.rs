@@ -373,6 +373,26 @@ async fn wait_until(
     }
 }
 
+/// Per hub node: (id, seconds spent in view passes, passes), from
+/// `switchyard_hub_view_pass_seconds`.
+async fn view_passes(c: &Cluster) -> Result<Vec<(u64, f64, f64)>> {
+    let mut out = Vec::new();
+    for id in c.ids() {
+        let text = c.metrics(id).await?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        out.push((
+            id,
+            value("switchyard_hub_view_pass_seconds_sum "),
+            value("switchyard_hub_view_pass_seconds_count "),
+        ));
+    }
+    Ok(out)
+}
+
 fn sample_rss(c: &Cluster) -> Result<Vec<Rss>> {
     c.ids()
         .into_iter()
@@ -565,6 +585,7 @@ async fn main() -> Result<()> {
             );
         }
 
+        let passes_before = view_passes(&c).await?;
         let mut set = base;
         set.push(export(FAN_NS, FAN_NAME));
         let _ = pop0_tx.send(Some(set));
@@ -572,6 +593,16 @@ async fn main() -> Result<()> {
             (shared.seen.iter().filter(|s| s.get().is_some()).count(), n)
         })
         .await?;
+        // What the hub nodes spent computing views meanwhile (the export,
+        // its liveness noise, nothing else is changing).
+        let passes_after = view_passes(&c).await?;
+        for ((id, s0, n0), (_, s1, n1)) in passes_before.iter().zip(&passes_after) {
+            eprintln!(
+                "node {id}: {} view passes, {:.1} ms computing views while demo/fan spread",
+                n1 - n0,
+                (s1 - s0) * 1e3
+            );
+        }
         wait_until("export of demo/fan acknowledged", &shared, || {
             (usize::from(shared.fan_acked.get().is_some()), 1)
         })

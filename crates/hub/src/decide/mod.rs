@@ -227,6 +227,13 @@ impl<'a> Prepared<'a> {
         };
         epoch = epoch.max(me.updated_index);
         let sight = self.sight(me);
+        // Ranks stand in for names below: comparing names per exporter
+        // and collecting peers by name were a fifth of a view's cost.
+        let my_rank = self
+            .book
+            .binary_search_by(|e| e.pop.name.as_str().cmp(pop))
+            .ok();
+        let mut chosen = vec![false; self.book.len()];
         let mut members = Vec::new();
         let mut services = Vec::new();
         for base in &self.services {
@@ -248,7 +255,7 @@ impl<'a> Prepared<'a> {
                 let entry = &self.book[x.rank];
                 let seen = &sight[x.rank];
                 epoch = epoch.max(seen.rtt_index);
-                let is_me = entry.pop.name == me.name;
+                let is_me = Some(x.rank) == my_rank;
                 mine |= is_me;
                 members.push(Member {
                     pop: entry.pop,
@@ -261,7 +268,7 @@ impl<'a> Prepared<'a> {
                     export: x.export,
                 });
             }
-            let mut view = service_view(base.svc, policy, vip, &members);
+            let mut view = service_view(base.svc, policy, vip, &members, &mut chosen);
             if !export_to.is_empty() && mine {
                 // This POP's gateway must refuse tunnel streams from POPs
                 // the policy does not export to: it gets the resolved
@@ -277,7 +284,19 @@ impl<'a> Prepared<'a> {
             }
             services.push(view);
         }
-        let peers = peers(state, pop, &services, &mut epoch);
+        // The gateways of the other POPs in any tier, in name order. Their
+        // records' indexes count toward the epoch, so a moved gateway
+        // reaches every view that routes to it.
+        let mut peers = Vec::new();
+        for (rank, e) in self.book.iter().enumerate() {
+            if chosen[rank] && Some(rank) != my_rank && !e.pop.gateway_addr.is_empty() {
+                epoch = epoch.max(e.pop.updated_index);
+                peers.push(pb::PeerGateway {
+                    pop: e.pop.name.clone(),
+                    gateway_addr: e.pop.gateway_addr.clone(),
+                });
+            }
+        }
         pb::PopView {
             pop: pop.to_string(),
             epoch,
@@ -318,38 +337,6 @@ struct Sight {
     rtt: u32,
     /// Index of the RTT entry (0 when unmeasured): part of the epoch.
     rtt_index: u64,
-}
-
-/// The gateways of the other POPs in any tier of `services`, sorted by POP
-/// name. Their records' indexes count toward the epoch, so a moved gateway
-/// reaches every view that routes to it.
-fn peers(
-    state: &State,
-    me: &str,
-    services: &[pb::ServiceView],
-    epoch: &mut u64,
-) -> Vec<pb::PeerGateway> {
-    let names: std::collections::BTreeSet<&str> = services
-        .iter()
-        .flat_map(|s| &s.tiers)
-        .flat_map(|t| &t.targets)
-        .map(|t| t.pop.as_str())
-        .filter(|p| *p != me)
-        .collect();
-    names
-        .into_iter()
-        .filter_map(|name| {
-            let rec = state.pops.get(name)?;
-            if rec.gateway_addr.is_empty() {
-                return None;
-            }
-            *epoch = (*epoch).max(rec.updated_index);
-            Some(pb::PeerGateway {
-                pop: name.to_string(),
-                gateway_addr: rec.gateway_addr.clone(),
-            })
-        })
-        .collect()
 }
 
 /// Advances a name-ordered iterator past names before `name` and takes
@@ -400,6 +387,7 @@ fn service_view(
     policy: Option<&pb::TrafficPolicy>,
     vip: Option<&pb::VipAllocation>,
     members: &[Member<'_>],
+    chosen: &mut [bool],
 ) -> pb::ServiceView {
     let mode = policy
         .and_then(|p| pb::PolicyMode::try_from(p.mode).ok())
@@ -449,7 +437,7 @@ fn service_view(
         0 => DEFAULT_MIN_HEALTHY_PERMILLE,
         v => v,
     };
-    let tiers = spill(raw, min_healthy, |m| {
+    let tiers = spill(raw, min_healthy, chosen, |m| {
         match weight_of.get(m.pop.name.as_str()) {
             Some(w) => *w,
             None => m.ready,
@@ -485,10 +473,12 @@ fn service_view(
 }
 
 /// Applies the min_healthy rule to raw tiers (see the module rules) and
-/// emits the targets. `min_healthy` is per mille.
+/// emits the targets, marking their POPs' ranks in `chosen`. `min_healthy`
+/// is per mille.
 fn spill(
     raw: Vec<Vec<&Member<'_>>>,
     min_healthy: u32,
+    chosen: &mut [bool],
     weight: impl Fn(&Member<'_>) -> u32,
 ) -> Vec<pb::Tier> {
     let mut out = Vec::new();
@@ -522,6 +512,11 @@ fn spill(
         }
         members.sort_by(|a, b| a.order(b));
         room -= members.len();
+        for m in &members {
+            if let Some(c) = chosen.get_mut(m.rank) {
+                *c = true;
+            }
+        }
         let targets: Vec<pb::Target> = members
             .into_iter()
             .map(|m| pb::Target {

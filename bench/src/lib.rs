@@ -6,6 +6,7 @@
 //! pieces (process launchers, clients, statistics).
 
 pub mod etcd;
+pub mod exports;
 pub mod hub;
 pub mod load;
 pub mod pops;

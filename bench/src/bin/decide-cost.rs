@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use clap::Parser;
+use switchyard_bench::exports::sim_export;
 use switchyard_hub::state::State;
 use switchyard_proto::pb::{self, command::Kind};
 
@@ -72,25 +73,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     for p in 0..args.pops {
         let upserts = (0..args.services)
-            .map(|k| pb::ServiceExport {
-                service: Some(pb::ServiceKey {
-                    namespace: "sim".into(),
-                    name: format!("svc-{k}"),
-                }),
-                ports: vec![pb::ServicePort {
-                    name: "http".into(),
-                    port: 8080,
-                    protocol: pb::Protocol::Tcp as i32,
-                }],
-                r#type: pb::ServiceType::ClusterSetIp as i32,
-                endpoints: vec![pb::Endpoint {
-                    address: "127.0.0.1".into(),
-                    port: 8080,
-                    ready: true,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })
+            .map(|k| sim_export("sim", &format!("svc-{k}")))
             .collect();
         apply(
             &mut s,

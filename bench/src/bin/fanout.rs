@@ -23,6 +23,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 use serde::Serialize;
 use switchyard_agent::uplink::{AgentEvent, AgentResume, AgentSession, AgentSessionConfig};
 use switchyard_bench::{
+    exports::sim_export,
     pops::{check_bin, quantile},
     proc::rss_kib,
 };
@@ -117,28 +118,6 @@ struct Report {
     within_budget: bool,
     /// Simulated POPs the hub lists as online after the fan-out.
     online_at_end: usize,
-}
-
-fn export(ns: &str, name: &str) -> pb::ServiceExport {
-    pb::ServiceExport {
-        service: Some(pb::ServiceKey {
-            namespace: ns.into(),
-            name: name.into(),
-        }),
-        ports: vec![pb::ServicePort {
-            name: "http".into(),
-            port: 8080,
-            protocol: pb::Protocol::Tcp as i32,
-        }],
-        r#type: pb::ServiceType::ClusterSetIp as i32,
-        endpoints: vec![pb::Endpoint {
-            address: "127.0.0.1".into(),
-            port: 8080,
-            ready: true,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
 }
 
 fn has_fan(view: &pb::PopView) -> bool {
@@ -568,7 +547,7 @@ async fn main() -> Result<()> {
         let mut rss_with_services = Vec::new();
         if args.services > 0 {
             base = (0..args.services)
-                .map(|j| export("sim", &format!("svc-{j}")))
+                .map(|j| sim_export("sim", &format!("svc-{j}")))
                 .collect();
             let _ = all_exports_tx.send(Some(base.clone()));
             let _ = pop0_tx.send(Some(base.clone()));
@@ -587,7 +566,7 @@ async fn main() -> Result<()> {
 
         let passes_before = view_passes(&c).await?;
         let mut set = base;
-        set.push(export(FAN_NS, FAN_NAME));
+        set.push(sim_export(FAN_NS, FAN_NAME));
         let _ = pop0_tx.send(Some(set));
         wait_until("POPs with demo/fan in view", &shared, || {
             (shared.seen.iter().filter(|s| s.get().is_some()).count(), n)

@@ -392,30 +392,93 @@ pub fn canonical_view(view: &pb::PopView) -> pb::PopView {
     }
 }
 
+/// A service's (namespace, name), borrowed; a missing key is ("", "").
+fn key_ref(s: &pb::ServiceView) -> (&str, &str) {
+    s.service
+        .as_ref()
+        .map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()))
+}
+
+/// Whether the view's services are sorted by key with no key twice (what
+/// [`canonical_view`] returns). Allocates nothing.
+pub fn is_canonical(view: &pb::PopView) -> bool {
+    view.services
+        .windows(2)
+        .all(|w| key_ref(&w[0]) < key_ref(&w[1]))
+}
+
 /// The delta that turns `old` into `new`: changed and added services whole,
 /// removed ones by key, and `new`'s top-level fields in `header`. Pure.
 pub fn diff_views(old: &pb::PopView, new: &pb::PopView) -> pb::ViewDelta {
-    let old_map = services_by_key(old);
-    let new_map = services_by_key(new);
-    let upserts = new_map
-        .iter()
-        .filter(|(k, s)| old_map.get(*k) != Some(*s))
-        .map(|(_, s)| (*s).clone())
-        .collect();
-    let removals = old_map
-        .iter()
-        .filter(|(k, _)| !new_map.contains_key(*k))
-        .map(|(_, s)| s.service.clone().unwrap_or_default())
-        .collect();
+    let (upserts, removals) = if is_canonical(old) && is_canonical(new) {
+        diff_sorted(&old.services, &new.services)
+    } else {
+        let old_map = services_by_key(old);
+        let new_map = services_by_key(new);
+        let upserts = new_map
+            .iter()
+            .filter(|(k, s)| old_map.get(*k) != Some(*s))
+            .map(|(_, s)| (*s).clone())
+            .collect();
+        let removals = old_map
+            .iter()
+            .filter(|(k, _)| !new_map.contains_key(*k))
+            .map(|(_, s)| s.service.clone().unwrap_or_default())
+            .collect();
+        (upserts, removals)
+    };
     pb::ViewDelta {
         from_epoch: old.epoch,
         epoch: new.epoch,
         upserts,
         removals,
         header: Some(pb::PopView {
+            pop: new.pop.clone(),
+            epoch: new.epoch,
             services: Vec::new(),
-            ..new.clone()
+            peers: new.peers.clone(),
         }),
+    }
+}
+
+/// [`diff_views`] of two canonical service lists: one merge walk, no maps
+/// and no key copies (a hub node diffs every session's view after every
+/// change). Same order as the map version: upserts and removals by key.
+fn diff_sorted(
+    old: &[pb::ServiceView],
+    new: &[pb::ServiceView],
+) -> (Vec<pb::ServiceView>, Vec<pb::ServiceKey>) {
+    let (mut upserts, mut removals) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) => match key_ref(o).cmp(&key_ref(n)) {
+                std::cmp::Ordering::Less => {
+                    removals.push(o.service.clone().unwrap_or_default());
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    upserts.push(n.clone());
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    if o != n {
+                        upserts.push(n.clone());
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            },
+            (Some(o), None) => {
+                removals.push(o.service.clone().unwrap_or_default());
+                i += 1;
+            }
+            (None, Some(n)) => {
+                upserts.push(n.clone());
+                j += 1;
+            }
+            (None, None) => return (upserts, removals),
+        }
     }
 }
 

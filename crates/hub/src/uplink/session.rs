@@ -474,7 +474,7 @@ impl HubSession {
         if self.latest.as_ref().is_some_and(|l| view.epoch <= l.epoch) {
             return false;
         }
-        self.latest = Some(if is_canonical(&view) {
+        self.latest = Some(if wire::is_canonical(&view) {
             view
         } else {
             Arc::new(wire::canonical_view(&view))
@@ -982,13 +982,6 @@ fn check_gateway_addr(addr: &str) -> Result<(), UplinkError> {
         ));
     }
     Ok(())
-}
-
-/// Whether services are sorted by key with no key twice.
-fn is_canonical(view: &pb::PopView) -> bool {
-    view.services.windows(2).all(|w| {
-        wire::service_key(w[0].service.as_ref()) < wire::service_key(w[1].service.as_ref())
-    })
 }
 
 /// Shortens `s` to at most `max` bytes on a character boundary.

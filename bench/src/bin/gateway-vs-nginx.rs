@@ -286,6 +286,23 @@ fn nginx_stream(env: &Env, routes: &[(u16, SocketAddr)]) -> Result<ServerProc> {
     ServerProc::spawn("nginx-stream", cmd, &env.path("nginx-stream.log"))
 }
 
+/// An iperf3 server on the load core, on a free port, once it listens.
+async fn iperf_server(env: &Env, name: &str) -> Result<(ServerProc, SocketAddr)> {
+    let port = port()?;
+    let server = ServerProc::spawn(
+        name,
+        {
+            let mut c = env.pinned(env.load, "iperf3");
+            c.args(["-s", "-p", &port.to_string()]);
+            c
+        },
+        &env.path(&format!("{name}.log")),
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_port(addr).await?;
+    Ok((server, addr))
+}
+
 fn nginx_http(env: &Env, listen: u16) -> Result<ServerProc> {
     let dir = env.path("nginx-http");
     std::fs::create_dir_all(dir.join("logs"))?;
@@ -465,18 +482,7 @@ async fn part_l4(env: &Env, args: &Args, report: &mut Report) -> Result<()> {
     let _http = nginx_http(env, http_port)?;
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     wait_port(http).await?;
-    let iperf_port = port()?;
-    let _iperf = ServerProc::spawn(
-        "iperf3-server",
-        {
-            let mut c = env.pinned(env.load, "iperf3");
-            c.args(["-s", "-p", &iperf_port.to_string()]);
-            c
-        },
-        &env.path("iperf3-server.log"),
-    )?;
-    let tcp = SocketAddr::from(([127, 0, 0, 1], iperf_port));
-    wait_port(tcp).await?;
+    let (_iperf, tcp) = iperf_server(env, "iperf3-server").await?;
 
     // Switchyard gateway: two services with local endpoints.
     let view = pop_view(
@@ -570,18 +576,7 @@ struct CrossPop {
 
 async fn part_cross(env: &Env, args: &Args, report: &mut Report) -> Result<()> {
     println!("Cross-POP path (client -> gateway A -> QUIC -> gateway B -> backend; both gateways on core {}):", env.sut);
-    let iperf_port = port()?;
-    let _iperf = ServerProc::spawn(
-        "iperf3-server-x",
-        {
-            let mut c = env.pinned(env.load, "iperf3");
-            c.args(["-s", "-p", &iperf_port.to_string()]);
-            c
-        },
-        &env.path("iperf3-server-x.log"),
-    )?;
-    let tcp = SocketAddr::from(([127, 0, 0, 1], iperf_port));
-    wait_port(tcp).await?;
+    let (_iperf, tcp) = iperf_server(env, "iperf3-server-x").await?;
     let (_echo, echo) = env.echo("echo-x", local()).await?;
     let b_view = pop_view(
         "b",

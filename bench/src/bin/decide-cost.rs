@@ -12,7 +12,8 @@
 use std::time::Instant;
 
 use clap::Parser;
-use switchyard_bench::exports::sim_export;
+use prost::Message;
+use switchyard_bench::{exports::sim_export, proc::rss_kib};
 use switchyard_hub::state::State;
 use switchyard_proto::pb::{self, command::Kind};
 
@@ -119,6 +120,23 @@ fn main() -> anyhow::Result<()> {
         i,
         apply_s
     );
+    {
+        // What a hub node holds per session: one view (the session's last
+        // sent and the board's last computed share it).
+        let before = rss_kib(std::process::id())?;
+        let prepared = switchyard_hub::decide::Prepared::new(&s);
+        let held: Vec<_> = (0..args.views)
+            .map(|v| prepared.view_from(&name(v % args.pops), None))
+            .collect();
+        let after = rss_kib(std::process::id())?;
+        let wire: usize = held.iter().map(|v| v.to_pb().encoded_len()).sum();
+        println!(
+            "memory: {:.0} KiB RSS per view held ({} views), {:.0} KiB encoded",
+            after.saturating_sub(before) as f64 / held.len() as f64,
+            held.len(),
+            wire as f64 / 1024.0 / held.len() as f64
+        );
+    }
     for round in 0..3 {
         let t = Instant::now();
         let mut targets = 0;
@@ -139,13 +157,25 @@ fn main() -> anyhow::Result<()> {
             std::hint::black_box(prepared.view(&name(v % args.pops)));
         }
         let shared = (t.elapsed().as_secs_f64() - prepare) / args.views as f64;
+        // The pass a hub node runs after one service's export changed:
+        // every view rebuilt from the previous one (see `Prepared::view_from`).
+        let views: Vec<_> = (0..args.views)
+            .map(|v| prepared.view_from(&name(v % args.pops), None))
+            .collect();
+        let t = Instant::now();
+        for (v, prev) in views.iter().enumerate() {
+            std::hint::black_box(prepared.view_from(&name(v % args.pops), Some(prev)));
+        }
+        let reused = t.elapsed().as_secs_f64() / args.views as f64;
         println!(
             "round {round}: decide {:.1} us per view ({} targets per view on average); \
-             shared preparation {:.1} us once, then {:.1} us per view",
+             shared preparation {:.1} us once, then {:.1} us per view; \
+             {:.1} us per view from an unchanged previous one",
             per * 1e6,
             targets / args.views,
             prepare * 1e6,
-            shared * 1e6
+            shared * 1e6,
+            reused * 1e6
         );
     }
     Ok(())

@@ -30,7 +30,7 @@ use switchyard_proto::pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::decide::{decide, DEFAULT_DNS_TTL_S};
+use crate::decide::{Prepared, DEFAULT_DNS_TTL_S};
 use crate::node::Hub;
 use crate::state::State;
 
@@ -106,8 +106,10 @@ pub fn global_input(state: &State, zone: &str, applied_index: u64) -> GlobalInpu
             },
         );
     }
+    // What every POP's view shares, gathered once for all of them.
+    let prepared = Prepared::new(state);
     for p in pops.iter().filter(|p| !p.subnets.is_empty()) {
-        let view = decide(state, &p.name);
+        let view = prepared.view(&p.name);
         for sv in &view.services {
             let Some(key) = &sv.service else { continue };
             let Some(svc) = services.get_mut(&(key.namespace.clone(), key.name.clone())) else {

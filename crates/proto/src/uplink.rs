@@ -411,7 +411,7 @@ pub fn is_canonical(view: &pb::PopView) -> bool {
 /// removed ones by key, and `new`'s top-level fields in `header`. Pure.
 pub fn diff_views(old: &pb::PopView, new: &pb::PopView) -> pb::ViewDelta {
     let (upserts, removals) = if is_canonical(old) && is_canonical(new) {
-        diff_sorted(&old.services, &new.services)
+        diff_sorted_services::<pb::ServiceView, _>(&old.services, &new.services, |a, b| a == b)
     } else {
         let old_map = services_by_key(old);
         let new_map = services_by_key(new);
@@ -441,40 +441,74 @@ pub fn diff_views(old: &pb::PopView, new: &pb::PopView) -> pb::ViewDelta {
     }
 }
 
-/// [`diff_views`] of two canonical service lists: one merge walk, no maps
-/// and no key copies (a hub node diffs every session's view after every
-/// change). Same order as the map version: upserts and removals by key.
-fn diff_sorted(
-    old: &[pb::ServiceView],
-    new: &[pb::ServiceView],
-) -> (Vec<pb::ServiceView>, Vec<pb::ServiceKey>) {
+/// A service of a view as its holder keeps it: the wire form itself, or
+/// a form that shares parts between views (the hub's).
+pub trait ServiceEntry {
+    /// Its (namespace, name).
+    fn key(&self) -> (&str, &str);
+    /// Its wire form.
+    fn to_service_view(&self) -> pb::ServiceView;
+}
+
+impl ServiceEntry for pb::ServiceView {
+    fn key(&self) -> (&str, &str) {
+        key_ref(self)
+    }
+    fn to_service_view(&self) -> pb::ServiceView {
+        self.clone()
+    }
+}
+
+/// [`diff_views`] of two canonical service lists (sorted by key, one
+/// service per key), held as any `S` that borrows as an entry `E`: one
+/// merge walk, no maps and no key copies (a hub node diffs every
+/// session's view after every change). `same` says whether two entries
+/// under the same key are equal (a holder that shares unchanged entries
+/// can compare pointers before contents). Upserts and removals come out
+/// by key, like the map version.
+pub fn diff_sorted_services<E, S>(
+    old: &[S],
+    new: &[S],
+    same: impl Fn(&S, &S) -> bool,
+) -> (Vec<pb::ServiceView>, Vec<pb::ServiceKey>)
+where
+    E: ServiceEntry + ?Sized,
+    S: std::borrow::Borrow<E>,
+{
+    let key = |s: &S| -> pb::ServiceKey {
+        let (namespace, name) = s.borrow().key();
+        pb::ServiceKey {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    };
     let (mut upserts, mut removals) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     loop {
         match (old.get(i), new.get(j)) {
-            (Some(o), Some(n)) => match key_ref(o).cmp(&key_ref(n)) {
+            (Some(o), Some(n)) => match o.borrow().key().cmp(&n.borrow().key()) {
                 std::cmp::Ordering::Less => {
-                    removals.push(o.service.clone().unwrap_or_default());
+                    removals.push(key(o));
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    upserts.push(n.clone());
+                    upserts.push(n.borrow().to_service_view());
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    if o != n {
-                        upserts.push(n.clone());
+                    if !same(o, n) {
+                        upserts.push(n.borrow().to_service_view());
                     }
                     i += 1;
                     j += 1;
                 }
             },
             (Some(o), None) => {
-                removals.push(o.service.clone().unwrap_or_default());
+                removals.push(key(o));
                 i += 1;
             }
             (None, Some(n)) => {
-                upserts.push(n.clone());
+                upserts.push(n.borrow().to_service_view());
                 j += 1;
             }
             (None, None) => return (upserts, removals),

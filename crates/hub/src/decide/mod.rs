@@ -44,15 +44,19 @@
 //!   record, liveness and RTT from this POP. It may move without a visible
 //!   change (conservative), never stays still across one, never goes down.
 
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use switchyard_proto::pb;
+use switchyard_proto::{pb, uplink::ServiceEntry};
 
 use crate::state::State;
 
 mod explain;
+mod view;
 pub use explain::{explain, Explanation};
+pub use view::{ServicePart, View};
 
 /// DNS TTL (s) when the policy leaves it at 0 or there is no policy: short,
 /// so resolvers follow failovers quickly.
@@ -85,6 +89,9 @@ pub struct Prepared<'a> {
     state: &'a State,
     /// Tombstone and policy indexes: in every view's epoch.
     base_epoch: u64,
+    /// Largest index of any POP record: moves when a POP joins, changes
+    /// labels or gateway (a removal moves the tombstone index).
+    max_pop_index: u64,
     /// Every POP, in name order.
     book: Vec<BookEntry<'a>>,
     /// Every global service, in key order.
@@ -122,6 +129,9 @@ struct Exporter<'a> {
     total: u64,
     /// The export: ready endpoints are copied only for chosen targets.
     export: &'a pb::ServiceExport,
+    /// Its target weighted by ready endpoints, made the first time a view
+    /// chooses it and shared by every later one.
+    target: OnceCell<Arc<pb::Target>>,
 }
 
 impl<'a> Prepared<'a> {
@@ -140,6 +150,7 @@ impl<'a> Prepared<'a> {
             .take_while(|((k, _), _)| *k == revoked_kind)
             .map(|((_, subject), _)| subject.as_str())
             .peekable();
+        let mut max_pop_index = 0;
         let book: Vec<BookEntry<'a>> = state
             .pops
             .iter()
@@ -152,6 +163,7 @@ impl<'a> Prepared<'a> {
                         Ok(pb::PopLiveness::Online | pb::PopLiveness::Suspect)
                     ) && !st.damped
                 });
+                max_pop_index = max_pop_index.max(pop.updated_index);
                 BookEntry {
                     pop,
                     eligible: live && !is_revoked,
@@ -201,6 +213,7 @@ impl<'a> Prepared<'a> {
                         .unwrap_or(u32::MAX),
                     total: export.endpoints.len() as u64,
                     export,
+                    target: OnceCell::new(),
                 });
             }
             services.push(base);
@@ -208,6 +221,7 @@ impl<'a> Prepared<'a> {
         Self {
             state,
             base_epoch,
+            max_pop_index,
             book,
             services,
         }
@@ -215,17 +229,34 @@ impl<'a> Prepared<'a> {
 
     /// The decision table of POP `pop` (see [`decide`]).
     pub fn view(&self, pop: &str) -> pb::PopView {
+        self.view_from(pop, None).to_pb()
+    }
+
+    /// The decision table of POP `pop`, reusing the services of `prev` (an
+    /// earlier view of the same POP from this function) whose inputs did
+    /// not move: after one export change, one service is rebuilt instead
+    /// of every one. Equal to [`Prepared::view`] whatever `prev` is.
+    pub fn view_from(&self, pop: &str, prev: Option<&View>) -> View {
         let state = self.state;
         let mut epoch = self.base_epoch;
         let Some(me) = state.pops.get(pop) else {
-            return pb::PopView {
+            return View {
                 pop: pop.to_string(),
                 epoch,
                 services: Vec::new(),
                 peers: Vec::new(),
+                stamp: 0,
             };
         };
         epoch = epoch.max(me.updated_index);
+        // Every index a service part reads besides its own inputs; each
+        // moves to the newest log index when its input changes, so an
+        // equal maximum means none changed.
+        let stamp = epoch.max(self.max_pop_index);
+        let reusable = prev
+            .filter(|p| p.stamp != 0 && p.stamp == stamp && p.pop == pop)
+            .map_or(&[][..], |p| &p.services[..]);
+        let mut reusable = reusable.iter().peekable();
         let sight = self.sight(me);
         // Ranks stand in for names below: comparing names per exporter
         // and collecting peers by name were a fifth of a view's cost.
@@ -233,8 +264,15 @@ impl<'a> Prepared<'a> {
             .book
             .binary_search_by(|e| e.pop.name.as_str().cmp(pop))
             .ok();
+        // This POP's VIPs, keyed (POP, namespace, name): met in service
+        // order, without building a key per lookup.
+        let mut vips = state
+            .vips
+            .range((pop.to_string(), String::new(), String::new())..)
+            .take_while(|((p, _, _), _)| p == pop)
+            .map(|((_, ns, name), v)| ((ns.as_str(), name.as_str()), v))
+            .peekable();
         let mut chosen = vec![false; self.book.len()];
-        let mut members = Vec::new();
         let mut services = Vec::new();
         for base in &self.services {
             let (key, policy) = (base.key, base.policy);
@@ -242,47 +280,36 @@ impl<'a> Prepared<'a> {
             if !export_to.is_empty() && !export_to.iter().any(|s| selector_matches(s, me)) {
                 continue;
             }
-            epoch = epoch.max(base.index);
-            let vip = state
-                .vips
-                .get(&(pop.to_string(), key.0.clone(), key.1.clone()));
-            if let Some(v) = vip {
-                epoch = epoch.max(v.allocated_index);
+            let k = (key.0.as_str(), key.1.as_str());
+            while vips.peek().is_some_and(|(vk, _)| *vk < k) {
+                vips.next();
             }
-            members.clear();
-            let mut mine = false;
+            let vip = vips.next_if(|(vk, _)| *vk == k).map(|(_, v)| v);
+            let mut inputs = base.index.max(vip.map_or(0, |v| v.allocated_index));
             for x in &base.exporters {
-                let entry = &self.book[x.rank];
-                let seen = &sight[x.rank];
-                epoch = epoch.max(seen.rtt_index);
-                let is_me = Some(x.rank) == my_rank;
-                mine |= is_me;
-                members.push(Member {
-                    pop: entry.pop,
-                    rank: x.rank,
-                    eligible: is_me || entry.eligible,
-                    distance: seen.distance,
-                    rtt: seen.rtt,
-                    ready: x.ready,
-                    total: x.total,
-                    export: x.export,
-                });
+                inputs = inputs.max(sight[x.rank].rtt_index);
             }
-            let mut view = service_view(base.svc, policy, vip, &members, &mut chosen);
-            if !export_to.is_empty() && mine {
-                // This POP's gateway must refuse tunnel streams from POPs
-                // the policy does not export to: it gets the resolved
-                // list. Any POP's record may enter or leave it, so all
-                // count.
-                view.import_restricted = true;
-                for e in &self.book {
-                    epoch = epoch.max(e.pop.updated_index);
-                    if export_to.iter().any(|s| selector_matches(s, e.pop)) {
-                        view.importers.push(e.pop.name.clone());
-                    }
+            epoch = epoch.max(inputs);
+            while reusable
+                .peek()
+                .is_some_and(|p| p.key() < k)
+            {
+                reusable.next();
+            }
+            let part = match reusable.next_if(|p| p.key() == k) {
+                Some(p) if p.inputs == inputs => Arc::clone(p),
+                _ => Arc::new(self.service_part(base, vip, inputs, &sight, my_rank)),
+            };
+            for &r in &part.chosen {
+                if let Some(c) = chosen.get_mut(r as usize) {
+                    *c = true;
                 }
             }
-            services.push(view);
+            if part.import_restricted() {
+                // Its importers list reads every POP's record.
+                epoch = epoch.max(self.max_pop_index);
+            }
+            services.push(part);
         }
         // The gateways of the other POPs in any tier, in name order. Their
         // records' indexes count toward the epoch, so a moved gateway
@@ -297,11 +324,65 @@ impl<'a> Prepared<'a> {
                 });
             }
         }
-        pb::PopView {
+        View {
             pop: pop.to_string(),
             epoch,
             services,
             peers,
+            stamp,
+        }
+    }
+
+    /// One service of the view of the POP at `my_rank` (seen as `sight`).
+    fn service_part(
+        &self,
+        base: &ServiceBase<'_>,
+        vip: Option<&pb::VipAllocation>,
+        inputs: u64,
+        sight: &[Sight],
+        my_rank: Option<usize>,
+    ) -> ServicePart {
+        let policy = base.policy;
+        let mut mine = false;
+        let members: Vec<Member<'_>> = base
+            .exporters
+            .iter()
+            .map(|x| {
+                let entry = &self.book[x.rank];
+                let seen = &sight[x.rank];
+                let is_me = Some(x.rank) == my_rank;
+                mine |= is_me;
+                Member {
+                    pop: entry.pop,
+                    rank: x.rank,
+                    eligible: is_me || entry.eligible,
+                    distance: seen.distance,
+                    rtt: seen.rtt,
+                    ready: x.ready,
+                    total: x.total,
+                    export: x.export,
+                    target: &x.target,
+                }
+            })
+            .collect();
+        let mut chosen = Vec::new();
+        let (mut head, tiers) = service_view(base.svc, policy, vip, &members, &mut chosen);
+        let export_to = policy.map_or(&[][..], |p| &p.export_to[..]);
+        if !export_to.is_empty() && mine {
+            // This POP's gateway must refuse tunnel streams from POPs the
+            // policy does not export to: it gets the resolved list.
+            head.import_restricted = true;
+            for e in &self.book {
+                if export_to.iter().any(|s| selector_matches(s, e.pop)) {
+                    head.importers.push(e.pop.name.clone());
+                }
+            }
+        }
+        ServicePart {
+            head,
+            tiers,
+            inputs,
+            chosen,
         }
     }
 
@@ -371,6 +452,8 @@ struct Member<'a> {
     total: u64,
     /// Its export: ready endpoints are copied only for chosen targets.
     export: &'a pb::ServiceExport,
+    /// Its shared target weighted by ready endpoints.
+    target: &'a OnceCell<Arc<pb::Target>>,
 }
 
 impl Member<'_> {
@@ -381,14 +464,14 @@ impl Member<'_> {
 }
 
 /// Builds one service's view from its members (as seen from the deciding
-/// POP).
+/// POP): the view without tiers, and the tiers.
 fn service_view(
     svc: &pb::GlobalService,
     policy: Option<&pb::TrafficPolicy>,
     vip: Option<&pb::VipAllocation>,
     members: &[Member<'_>],
-    chosen: &mut [bool],
-) -> pb::ServiceView {
+    chosen: &mut Vec<u32>,
+) -> (pb::ServiceView, Vec<Vec<Arc<pb::Target>>>) {
     let mode = policy
         .and_then(|p| pb::PolicyMode::try_from(p.mode).ok())
         .unwrap_or(pb::PolicyMode::Locality);
@@ -448,14 +531,14 @@ fn service_view(
     ports.sort_unstable();
     ports.dedup();
     let headless = svc.r#type == pb::ServiceType::Headless as i32;
-    pb::ServiceView {
+    let head = pb::ServiceView {
         service: svc.service.clone(),
         vip: match vip {
             Some(v) if !headless => v.address.clone(),
             _ => String::new(),
         },
         ports,
-        tiers,
+        tiers: Vec::new(),
         dns_ttl_s: match policy.map_or(0, |p| p.dns_ttl_s) {
             0 => DEFAULT_DNS_TTL_S,
             v => v,
@@ -469,18 +552,19 @@ fn service_view(
         // Filled by `decide` for exporters of restricted services.
         import_restricted: false,
         importers: Vec::new(),
-    }
+    };
+    (head, tiers)
 }
 
 /// Applies the min_healthy rule to raw tiers (see the module rules) and
-/// emits the targets, marking their POPs' ranks in `chosen`. `min_healthy`
+/// emits the targets, adding their POPs' ranks to `chosen`. `min_healthy`
 /// is per mille.
 fn spill(
     raw: Vec<Vec<&Member<'_>>>,
     min_healthy: u32,
-    chosen: &mut [bool],
+    chosen: &mut Vec<u32>,
     weight: impl Fn(&Member<'_>) -> u32,
-) -> Vec<pb::Tier> {
+) -> Vec<Vec<Arc<pb::Target>>> {
     let mut out = Vec::new();
     let mut acc: Vec<&Member<'_>> = Vec::new();
     let last = raw.len().saturating_sub(1);
@@ -512,27 +596,34 @@ fn spill(
         }
         members.sort_by(|a, b| a.order(b));
         room -= members.len();
-        for m in &members {
-            if let Some(c) = chosen.get_mut(m.rank) {
-                *c = true;
-            }
-        }
-        let targets: Vec<pb::Target> = members
-            .into_iter()
-            .map(|m| pb::Target {
-                pop: m.pop.name.clone(),
-                weight: weight(m),
-                endpoints: m
-                    .export
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .cloned()
-                    .collect(),
-            })
-            .collect();
+        chosen.extend(members.iter().filter_map(|m| u32::try_from(m.rank).ok()));
+        // Collected into a new vector: `into_iter().map().collect()` would
+        // reuse `members`' buffer, sized for every exporter, and a view
+        // holds its tiers for its whole life.
+        let mut targets: Vec<Arc<pb::Target>> = Vec::with_capacity(members.len());
+        targets.extend(members.iter().map(|m| {
+                let w = weight(m);
+                let make = || {
+                    Arc::new(pb::Target {
+                        pop: m.pop.name.clone(),
+                        weight: w,
+                        endpoints: m
+                            .export
+                            .endpoints
+                            .iter()
+                            .filter(|e| e.ready)
+                            .cloned()
+                            .collect(),
+                    })
+                };
+                if w == m.ready {
+                    Arc::clone(m.target.get_or_init(make))
+                } else {
+                    make()
+                }
+            }));
         if !targets.is_empty() {
-            out.push(pb::Tier { targets });
+            out.push(targets);
         }
     }
     out

@@ -2,7 +2,7 @@ use proptest::prelude::*;
 use prost::Message;
 use switchyard_proto::pb::{self, PopLiveness};
 
-use super::decide;
+use super::{decide, Prepared, View};
 use crate::state::testkit::*;
 use crate::state::State;
 
@@ -605,6 +605,33 @@ proptest! {
         }
     }
 
+    /// A view built from the previous one (reusing the services whose
+    /// inputs did not move) equals one built from scratch, after every
+    /// command; and its delta from the previous one is the wire diff.
+    #[test]
+    fn reused_views_equal_fresh_ones(ops in prop::collection::vec(op(), 1..60)) {
+        let (mut s, mut index) = base();
+        let mut prev: Vec<View> = POPS
+            .iter()
+            .map(|p| Prepared::new(&s).view_from(p, None))
+            .collect();
+        for op in &ops {
+            let c = to_cmd(&s, op);
+            s.apply(index, &c);
+            let prepared = Prepared::new(&s);
+            for (i, p) in POPS.iter().enumerate() {
+                let v = prepared.view_from(p, Some(&prev[i]));
+                prop_assert_eq!(&v.to_pb(), &decide(&s, p), "{} after {:?}", p, op);
+                prop_assert_eq!(
+                    v.delta_from(&prev[i]),
+                    switchyard_proto::uplink::diff_views(&prev[i].to_pb(), &v.to_pb())
+                );
+                prev[i] = v;
+            }
+            index += 1;
+        }
+    }
+
     /// Same inputs, same bytes: commands on distinct records applied in any
     /// order (each at its own fixed index), and snapshots whose lists are
     /// shuffled, give identical states and byte-equal views.
@@ -789,3 +816,4 @@ fn a_view_keeps_the_best_targets_only() {
         cut.reason
     );
 }
+

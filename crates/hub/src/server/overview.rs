@@ -188,7 +188,8 @@ pub fn build(
         .collect();
 
     let viewers: Vec<&String> = state.pops.keys().take(MAX_VIEWS).collect();
-    let views: Vec<pb::PopView> = viewers.iter().map(|p| decide::decide(state, p)).collect();
+    let prepared = decide::Prepared::new(state);
+    let views: Vec<pb::PopView> = viewers.iter().map(|p| prepared.view(p)).collect();
     let services = state
         .services
         .iter()

@@ -67,7 +67,7 @@ use super::{
     views::{self, ViewBoard},
     CloseReason, HubEvent, HubSession, HubSessionConfig, Liveness,
 };
-use crate::{metrics, node::Hub, server::admin::now_ms};
+use crate::{decide::View, metrics, node::Hub, server::admin::now_ms};
 
 /// POPs with an established session on this node (gauge).
 pub const CONNECTED_POPS: &str = "switchyard_hub_uplink_connected_pops";
@@ -485,7 +485,7 @@ struct Driver {
     /// The agent's address as last seen (connection migration changes it).
     last_remote: SocketAddr,
     /// The POP's newest view, from the node's [`ViewBoard`].
-    views: watch::Receiver<Option<Arc<pb::PopView>>>,
+    views: watch::Receiver<Option<Arc<View>>>,
 }
 
 impl Driver {

@@ -17,11 +17,11 @@ use switchyard_proto::pb;
 use switchyard_proto::pb::uplink_datagram::Kind as DatagramKind;
 use switchyard_proto::pb::uplink_frame::Kind as FrameKind;
 use switchyard_proto::uplink::{
-    self as wire, check_export_delta, decode_datagram, diff_views, Direction, FrameReader,
-    UplinkError,
+    self as wire, check_export_delta, decode_datagram, Direction, FrameReader, UplinkError,
 };
 
 use super::detector::{Detector, DetectorConfig, Liveness};
+use crate::decide::View;
 
 /// Settings of the hub's sessions.
 #[derive(Debug, Clone)]
@@ -253,10 +253,10 @@ pub struct HubSession {
 
     // Views.
     /// The newest view of this POP from the applied state.
-    latest: Option<Arc<pb::PopView>>,
+    latest: Option<Arc<View>>,
     /// The last view sent on this stream: the base of the next delta.
     /// `None`: the next view goes out as a snapshot.
-    sent: Option<Arc<pb::PopView>>,
+    sent: Option<Arc<View>>,
     /// Epoch of the last snapshot sent (ignores refusals of older deltas).
     last_snapshot_epoch: u64,
     /// The agent holds this epoch or newer: nothing older is sent.
@@ -467,18 +467,15 @@ impl HubSession {
     /// with the current view right after [`HubSession::new`]). Views for
     /// another POP, or not newer than the last one given, are ignored;
     /// returns whether the view was taken.
-    pub fn view_changed(&mut self, view: Arc<pb::PopView>) -> bool {
+    pub fn view_changed(&mut self, view: Arc<View>) -> bool {
         if view.pop != self.pop {
             return false;
         }
         if self.latest.as_ref().is_some_and(|l| view.epoch <= l.epoch) {
             return false;
         }
-        self.latest = Some(if wire::is_canonical(&view) {
-            view
-        } else {
-            Arc::new(wire::canonical_view(&view))
-        });
+        // Canonical by construction: services in key order, one per key.
+        self.latest = Some(view);
         true
     }
 
@@ -929,12 +926,12 @@ impl HubSession {
                 self.stats.snapshots_sent += 1;
                 self.last_snapshot_epoch = latest.epoch;
                 FrameKind::ViewSnapshot(pb::ViewSnapshot {
-                    view: Some((*latest).clone()),
+                    view: Some(latest.to_pb()),
                 })
             }
             Some(sent) if latest.epoch > sent.epoch => {
                 self.stats.deltas_sent += 1;
-                FrameKind::ViewDelta(diff_views(sent, &latest))
+                FrameKind::ViewDelta(latest.delta_from(sent))
             }
             Some(_) => return None,
         };

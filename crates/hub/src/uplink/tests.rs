@@ -11,6 +11,7 @@ use switchyard_proto::pb::uplink_frame::Kind;
 use switchyard_proto::uplink::{self as wire, apply_delta, encode_datagram, encode_frame};
 
 use super::*;
+use crate::decide::View;
 
 const POP: &str = "north-1";
 
@@ -66,8 +67,12 @@ fn delta(seq: u64, full: bool, names: &[&str]) -> pb::UplinkFrame {
     }))
 }
 
-fn view(epoch: u64, names: &[&str]) -> Arc<pb::PopView> {
-    Arc::new(pb::PopView {
+fn view(epoch: u64, names: &[&str]) -> Arc<View> {
+    Arc::new(View::from_pb(&wire_view(epoch, names)))
+}
+
+fn wire_view(epoch: u64, names: &[&str]) -> pb::PopView {
+    pb::PopView {
         pop: POP.into(),
         epoch,
         services: names
@@ -79,7 +84,7 @@ fn view(epoch: u64, names: &[&str]) -> Arc<pb::PopView> {
             })
             .collect(),
         peers: vec![],
-    })
+    }
 }
 
 fn frames(s: &mut HubSession) -> Vec<Kind> {
@@ -309,7 +314,7 @@ fn snapshot_on_connect_then_deltas() {
         panic!("{f:?}")
     };
     let mut agent = snap.view.clone().unwrap();
-    assert_eq!(agent, *view(5, &["a", "b"]));
+    assert_eq!(agent, wire_view(5, &["a", "b"]));
 
     // Older or equal epochs are not sent.
     assert!(!s.view_changed(view(5, &["x"])));
@@ -325,14 +330,14 @@ fn snapshot_on_connect_then_deltas() {
     };
     assert_eq!((d.from_epoch, d.epoch), (5, 8));
     agent = apply_delta(&agent, d).unwrap();
-    assert_eq!(agent, *view(8, &["a", "c"]));
+    assert_eq!(agent, wire_view(8, &["a", "c"]));
     assert_eq!(s.stats().snapshots_sent, 1);
     assert_eq!(s.stats().deltas_sent, 1);
 
     // A view for another POP is not taken.
-    let mut other = (*view(9, &[])).clone();
+    let mut other = wire_view(9, &[]);
     other.pop = "south-1".into();
-    assert!(!s.view_changed(Arc::new(other)));
+    assert!(!s.view_changed(Arc::new(View::from_pb(&other))));
 }
 
 #[test]

@@ -15,10 +15,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use switchyard_proto::pb;
 use tokio::sync::{watch, Notify};
 
-use crate::{decide::Prepared, metrics, node::Hub};
+use crate::{
+    decide::{Prepared, View},
+    metrics,
+    node::Hub,
+};
 
 /// Views computed under one hold of the state's read lock: bounds how long
 /// a writer (the Raft apply) can wait behind a pass, at about 0.5 ms per
@@ -28,11 +31,13 @@ const VIEWS_PER_LOCK: usize = 32;
 /// A session's place at the board.
 struct Seat {
     pop: String,
-    tx: watch::Sender<Option<Arc<pb::PopView>>>,
+    tx: watch::Sender<Option<Arc<View>>>,
     /// Applied index the last view was computed at; 0: never.
     computed_at: u64,
     /// Epoch of the last view sent.
     sent_epoch: u64,
+    /// The last view computed: the next one reuses its unchanged services.
+    last: Option<Arc<View>>,
 }
 
 /// The sessions whose views this node computes.
@@ -47,11 +52,7 @@ impl ViewBoard {
     /// Registers session `session_id` of `pop`; its views (newest wins)
     /// arrive on the returned receiver, the first one on the next pass.
     /// The seat is dropped once the receiver is.
-    pub(crate) fn join(
-        &self,
-        session_id: u64,
-        pop: &str,
-    ) -> watch::Receiver<Option<Arc<pb::PopView>>> {
+    pub(crate) fn join(&self, session_id: u64, pop: &str) -> watch::Receiver<Option<Arc<View>>> {
         let (tx, rx) = watch::channel(None);
         if let Ok(mut seats) = self.seats.lock() {
             seats.insert(
@@ -61,6 +62,7 @@ impl ViewBoard {
                     tx,
                     computed_at: 0,
                     sent_epoch: 0,
+                    last: None,
                 },
             );
         }
@@ -69,8 +71,8 @@ impl ViewBoard {
     }
 
     /// Seats whose view is older than `applied` (dropping the seats whose
-    /// session is gone), as (session id, POP).
-    fn due(&self, applied: u64) -> Vec<(u64, String)> {
+    /// session is gone), as (session id, POP, last view computed).
+    fn due(&self, applied: u64) -> Vec<Due> {
         let Ok(mut seats) = self.seats.lock() else {
             return Vec::new();
         };
@@ -78,13 +80,17 @@ impl ViewBoard {
         seats
             .iter()
             .filter(|(_, s)| s.computed_at == 0 || s.computed_at < applied)
-            .map(|(id, s)| (*id, s.pop.clone()))
+            .map(|(id, s)| Due {
+                id: *id,
+                pop: s.pop.clone(),
+                last: s.last.clone(),
+            })
             .collect()
     }
 
     /// Hands `view` (computed at `applied`) to session `id` if its epoch
     /// moved.
-    fn deliver(&self, id: u64, applied: u64, view: pb::PopView) {
+    fn deliver(&self, id: u64, applied: u64, view: View) {
         let Ok(mut seats) = self.seats.lock() else {
             return;
         };
@@ -92,11 +98,21 @@ impl ViewBoard {
             return;
         };
         seat.computed_at = applied.max(1);
+        let view = Arc::new(view);
+        seat.last = Some(view.clone());
         if view.epoch > seat.sent_epoch || seat.sent_epoch == 0 {
             seat.sent_epoch = view.epoch;
-            let _ = seat.tx.send(Some(Arc::new(view)));
+            let _ = seat.tx.send(Some(view));
         }
     }
+}
+
+/// A seat whose view is due.
+#[derive(Debug, Clone, PartialEq)]
+struct Due {
+    id: u64,
+    pop: String,
+    last: Option<Arc<View>>,
 }
 
 /// Runs passes until `applied` closes (the node is stopping): after every
@@ -109,12 +125,13 @@ pub(crate) async fn run(hub: Hub, board: Arc<ViewBoard>, mut applied: watch::Rec
         for chunk in due.chunks(VIEWS_PER_LOCK) {
             // CPU work off the async workers, so the drivers' heartbeats
             // and the detectors keep running during a long pass.
-            let (h, pops) = (hub.clone(), chunk.to_vec());
+            let (h, seats) = (hub.clone(), chunk.to_vec());
             let views = tokio::task::spawn_blocking(move || {
                 h.local(|s| {
                     let prepared = Prepared::new(s);
-                    pops.iter()
-                        .map(|(id, pop)| (*id, prepared.view(pop)))
+                    seats
+                        .iter()
+                        .map(|d| (d.id, prepared.view_from(&d.pop, d.last.as_deref())))
                         .collect::<Vec<_>>()
                 })
             })
@@ -141,20 +158,29 @@ pub(crate) async fn run(hub: Hub, board: Arc<ViewBoard>, mut applied: watch::Rec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_proto::pb;
 
-    fn view(pop: &str, epoch: u64) -> pb::PopView {
-        pb::PopView {
+    fn view(pop: &str, epoch: u64) -> View {
+        View::from_pb(&pb::PopView {
             pop: pop.into(),
             epoch,
             ..Default::default()
-        }
+        })
+    }
+
+    fn due_pops(board: &ViewBoard, applied: u64) -> Vec<(u64, String)> {
+        board
+            .due(applied)
+            .into_iter()
+            .map(|d| (d.id, d.pop))
+            .collect()
     }
 
     #[test]
     fn a_new_seat_is_due_then_only_after_the_applied_index_moves() {
         let board = ViewBoard::default();
         let mut rx = board.join(1, "a");
-        assert_eq!(board.due(10), vec![(1, "a".to_string())]);
+        assert_eq!(due_pops(&board, 10), vec![(1, "a".to_string())]);
         board.deliver(1, 10, view("a", 7));
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().as_ref().unwrap().epoch, 7);
@@ -180,7 +206,7 @@ mod tests {
         let rx = board.join(1, "a");
         let _keep = board.join(2, "b");
         drop(rx);
-        assert_eq!(board.due(1), vec![(2, "b".to_string())]);
+        assert_eq!(due_pops(&board, 1), vec![(2, "b".to_string())]);
         assert_eq!(board.seats.lock().unwrap().len(), 1);
     }
 }

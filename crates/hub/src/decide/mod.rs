@@ -290,10 +290,7 @@ impl<'a> Prepared<'a> {
                 inputs = inputs.max(sight[x.rank].rtt_index);
             }
             epoch = epoch.max(inputs);
-            while reusable
-                .peek()
-                .is_some_and(|p| p.key() < k)
-            {
+            while reusable.peek().is_some_and(|p| p.key() < k) {
                 reusable.next();
             }
             let part = match reusable.next_if(|p| p.key() == k) {
@@ -602,26 +599,26 @@ fn spill(
         // holds its tiers for its whole life.
         let mut targets: Vec<Arc<pb::Target>> = Vec::with_capacity(members.len());
         targets.extend(members.iter().map(|m| {
-                let w = weight(m);
-                let make = || {
-                    Arc::new(pb::Target {
-                        pop: m.pop.name.clone(),
-                        weight: w,
-                        endpoints: m
-                            .export
-                            .endpoints
-                            .iter()
-                            .filter(|e| e.ready)
-                            .cloned()
-                            .collect(),
-                    })
-                };
-                if w == m.ready {
-                    Arc::clone(m.target.get_or_init(make))
-                } else {
-                    make()
-                }
-            }));
+            let w = weight(m);
+            let make = || {
+                Arc::new(pb::Target {
+                    pop: m.pop.name.clone(),
+                    weight: w,
+                    endpoints: m
+                        .export
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.ready)
+                        .cloned()
+                        .collect(),
+                })
+            };
+            if w == m.ready {
+                Arc::clone(m.target.get_or_init(make))
+            } else {
+                make()
+            }
+        }));
         if !targets.is_empty() {
             out.push(targets);
         }

@@ -816,4 +816,3 @@ fn a_view_keeps_the_best_targets_only() {
         cut.reason
     );
 }
-

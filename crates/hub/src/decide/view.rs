@@ -132,11 +132,10 @@ impl View {
     /// [`wire::diff_views`] of their wire forms; parts shared by both are
     /// skipped without comparing them.
     pub fn delta_from(&self, old: &View) -> pb::ViewDelta {
-        let (upserts, removals) = wire::diff_sorted_services::<ServicePart, _>(
-            &old.services,
-            &self.services,
-            |a, b| Arc::ptr_eq(a, b) || a.same(b),
-        );
+        let (upserts, removals) =
+            wire::diff_sorted_services::<ServicePart, _>(&old.services, &self.services, |a, b| {
+                Arc::ptr_eq(a, b) || a.same(b)
+            });
         pb::ViewDelta {
             from_epoch: old.epoch,
             epoch: self.epoch,

@@ -328,15 +328,7 @@ impl State {
         if let Some(old) = self.pops.get(name).filter(|p| !p.vip_cidr.is_empty()) {
             return Ok(old.vip_cidr.clone());
         }
-        // The lowest block number no POP uses (`dev_blocks` is sorted).
-        let mut k = 0;
-        for &used in self.dev_blocks.keys() {
-            if used != k {
-                break;
-            }
-            k += 1;
-        }
-        if let Some(block) = Cidr::dev_block(k) {
+        if let Some(block) = Cidr::dev_block(self.dev_lowest_free) {
             return Ok(block.to_text());
         }
         // Pool exhausted (over 11,000 default POPs): share the first block.
@@ -352,10 +344,16 @@ impl State {
         };
         if added {
             *self.dev_blocks.entry(k).or_insert(0) += 1;
+            // Blocks are mostly taken lowest first, so this advances by
+            // one; after a removal it may pass several used blocks once.
+            while self.dev_blocks.contains_key(&self.dev_lowest_free) {
+                self.dev_lowest_free += 1;
+            }
         } else if let Some(n) = self.dev_blocks.get_mut(&k) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.dev_blocks.remove(&k);
+                self.dev_lowest_free = self.dev_lowest_free.min(k);
             }
         }
     }

@@ -73,6 +73,11 @@ pub struct State {
     /// VIP block (by block number), so a new POP's block is found without
     /// scanning every POP's range as text.
     pub(crate) dev_blocks: BTreeMap<u32, u32>,
+    /// Derived from `dev_blocks`: the lowest block number not in it (the
+    /// block a new POP gets). Kept up to date so that a new POP costs no
+    /// walk over every used block: with the pool's 11,000 blocks in use
+    /// that walk was a fifth of a write's CPU.
+    pub(crate) dev_lowest_free: u32,
 }
 
 /// How many POP liveness events the state keeps.

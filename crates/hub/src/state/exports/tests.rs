@@ -612,12 +612,21 @@ fn dev_blocks_follow_pops_through_removal_and_snapshots() {
     // A freed block is the next one given out; an update keeps its block.
     let i = run(&mut s, i, &[remove_pop("b"), pop("a", "r2", "", "")]);
     assert_eq!(range(&s, "a"), "127.77.0.0/22");
-    run(&mut s, i, &[pop("d", "r", "", "")]);
+    let i = run(&mut s, i, &[pop("d", "r", "", "")]);
     assert_eq!(range(&s, "d"), "127.77.4.0/22");
     assert_eq!(
         s.dev_blocks.keys().copied().collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
+    assert_eq!(s.dev_lowest_free, 3);
+    // A freed block below used ones comes back first, then the walk
+    // resumes above the used ones.
+    let i = run(&mut s, i, &[remove_pop("a")]);
+    assert_eq!(s.dev_lowest_free, 0);
+    run(&mut s, i, &[pop("e", "r", "", ""), pop("f", "r", "", "")]);
+    assert_eq!(range(&s, "e"), "127.77.0.0/22");
+    assert_eq!(range(&s, "f"), "127.77.12.0/22");
+    assert_eq!(s.dev_lowest_free, 4);
     let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
     assert_eq!(back, s, "the derived index is rebuilt from the snapshot");
 }

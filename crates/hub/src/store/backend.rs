@@ -393,6 +393,17 @@ impl Backend for CrashableBackend {
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.gate()?.commit(batch)
+    }
+
+    fn commit_lazy(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        self.gate()?.commit_lazy(batch)
+    }
+}
+
+impl CrashableBackend {
+    /// Waits while commits are held; then the live backend, or `Crashed`.
+    fn gate(&self) -> Result<Arc<RedbBackend>, BackendError> {
         {
             let mut g = lock(&self.gate);
             if g.hold && !g.crashed {
@@ -408,7 +419,7 @@ impl Backend for CrashableBackend {
                 return Err(BackendError::Crashed);
             }
         }
-        self.inner()?.commit(batch)
+        self.inner()
     }
 }
 
@@ -429,6 +440,12 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn commit(&self, batch: WriteBatch) -> Result<(), BackendError> {
         (**self).commit(batch)
+    }
+    // Without this, `Arc<dyn Backend>` (what the stores hold) resolves
+    // `commit_lazy` to the trait's durable default, and every committed
+    // index hint cost an fsync on the write path.
+    fn commit_lazy(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        (**self).commit_lazy(batch)
     }
 }
 
@@ -469,6 +486,53 @@ mod tests {
             b.last(Table::Log).unwrap().unwrap().0,
             7u64.to_be_bytes().to_vec()
         );
+    }
+
+    /// Counts durable and lazy commits, storing nothing.
+    #[derive(Default)]
+    struct Counting {
+        durable: std::sync::atomic::AtomicUsize,
+        lazy: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Backend for Counting {
+        fn get(&self, _: Table, _: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+            Ok(None)
+        }
+        fn scan(
+            &self,
+            _: Table,
+            _: &[u8],
+            _: Option<&[u8]>,
+        ) -> Result<Vec<KeyValue>, BackendError> {
+            Ok(Vec::new())
+        }
+        fn last(&self, _: Table) -> Result<Option<KeyValue>, BackendError> {
+            Ok(None)
+        }
+        fn commit(&self, _: WriteBatch) -> Result<(), BackendError> {
+            self.durable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        fn commit_lazy(&self, _: WriteBatch) -> Result<(), BackendError> {
+            self.lazy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lazy_commits_stay_lazy_through_shared_handles() {
+        let counting = Arc::new(Counting::default());
+        // What the log and state machine stores hold.
+        let shared: Arc<dyn Backend> = counting.clone();
+        let twice: Arc<Arc<dyn Backend>> = Arc::new(shared.clone());
+        shared.commit_lazy(WriteBatch::new()).unwrap();
+        twice.commit_lazy(WriteBatch::new()).unwrap();
+        shared.commit(WriteBatch::new()).unwrap();
+        let load =
+            |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((load(&counting.lazy), load(&counting.durable)), (2, 1));
     }
 
     #[test]

@@ -347,16 +347,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ),
             None => wb.delete(Table::Meta, KEY_COMMITTED),
         }
-        // The committed index is a hint for faster recovery; losing the
-        // newest value in a crash is safe, so it rides on the next fsync
-        // instead of costing one of its own. It is queued behind the appends
-        // already submitted (so it never lands on disk ahead of them) but
-        // not awaited: Raft calls this on every commit advance, and waiting
-        // for the writer would put an fsync back on its path.
+        // The committed index is a hint for faster recovery. It is queued
+        // behind the appends already submitted (so it never lands on disk
+        // ahead of them) but not awaited: Raft calls this on every commit
+        // advance, and waiting for the writer would put an fsync on its
+        // path. It is committed durably all the same (`lazy: false`): when
+        // the newest hint was lost, a cluster restarted after a full stop
+        // served a linearizable read that missed the last acknowledged
+        // write (`restart_all`, intermittently), so the read path does not
+        // yet cover a committed index that lags the log.
         let (done, _ignored) = tokio::sync::oneshot::channel();
         let job = Job::Commit {
             batch: wb,
-            lazy: true,
+            lazy: false,
             done,
         };
         if self.send(job).is_err() {

@@ -70,6 +70,13 @@ pub fn default_config() -> Result<Config, openraft::ConfigError> {
         // snapshot costs disk only.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(50_000),
         max_in_snapshot_log_to_keep: 1000,
+        // A restarted leader takes office again only through an election.
+        // Restored in place, its read index is its persisted committed
+        // index, which may lag entries it had already acknowledged: a fully
+        // restarted cluster then served a linearizable read that missed
+        // the last write (`restart_all`). A new term's leader commits a
+        // fresh blank entry first, and reads wait for it.
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
     .validate()

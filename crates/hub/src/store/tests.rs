@@ -19,6 +19,9 @@ use super::*;
 use crate::raft::types::{
     Entry, EntryPayload, LeaderId, LogId, RaftCommand, StorageError, TypeConfig, Vote,
 };
+use crate::store::backend::Table;
+use crate::store::log::LAZY_HOLD;
+use prost::Message;
 
 struct RedbStoreBuilder;
 
@@ -308,4 +311,36 @@ async fn reads_racing_the_writer_see_a_contiguous_log() {
     assert!(reads > 0);
     let all = w.try_get_log_entries(1..).await.unwrap();
     assert_eq!(all.len() as u64, next - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committed_hint_reads_back_at_once_and_reaches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn Backend> =
+        Arc::new(RedbBackend::open(dir.path().join("raft.redb")).unwrap());
+    let (mut log, _sm) = open(backend.clone()).await.unwrap();
+    append_acked(
+        &mut log,
+        (1..=3).map(|i| cmd_entry(i, revoke("x"))).collect(),
+    )
+    .await
+    .unwrap();
+    let on_disk = || backend.get(Table::Meta, b"committed").unwrap();
+
+    // The writer may hold it a while: it reads back at once anyway.
+    log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+
+    // The next append carries it (or the hold ran out first).
+    append_acked(&mut log, vec![cmd_entry(4, revoke("y"))])
+        .await
+        .unwrap();
+    assert!(on_disk().is_some());
+
+    // With nothing to ride on, it is written alone after the hold.
+    log.save_committed(Some(log_id(1, 4))).await.unwrap();
+    tokio::time::sleep(LAZY_HOLD * 3).await;
+    let raw = on_disk().unwrap();
+    let saved = crate::raft::convert::log_id_from_pb(pb::LogId::decode(raw.as_slice()).unwrap());
+    assert_eq!(saved.unwrap(), log_id(1, 4));
 }

@@ -9,6 +9,8 @@
 //! view from it, in chunks so the state's read lock is never held for
 //! long, and outside every session's driver so a slow pass never delays
 //! heartbeats. Changes applied during a pass coalesce into the next one.
+//! Each seat keeps its last view, and the next one reuses its services
+//! whose inputs did not move (`Prepared::view_from`).
 
 use std::{
     collections::HashMap,
@@ -24,8 +26,9 @@ use crate::{
 };
 
 /// Views computed under one hold of the state's read lock: bounds how long
-/// a writer (the Raft apply) can wait behind a pass, at about 0.5 ms per
-/// view for a thousand POPs exporting twenty services each.
+/// a writer (the Raft apply) can wait behind a pass, at about 0.4 ms per
+/// view built from scratch for a thousand POPs exporting twenty services
+/// each (~45 us when only one service changed and the rest are reused).
 const VIEWS_PER_LOCK: usize = 32;
 
 /// A session's place at the board.

@@ -427,16 +427,32 @@ pub fn diff_views(old: &pb::PopView, new: &pb::PopView) -> pb::ViewDelta {
             .collect();
         (upserts, removals)
     };
+    view_delta(
+        old.epoch, &new.pop, new.epoch, &new.peers, upserts, removals,
+    )
+}
+
+/// A delta from the view at `from_epoch` to the view of `pop` at `epoch`
+/// with `peers`: the service changes, and the new top-level fields in the
+/// header (copied alone: a view's services can be large).
+pub fn view_delta(
+    from_epoch: u64,
+    pop: &str,
+    epoch: u64,
+    peers: &[pb::PeerGateway],
+    upserts: Vec<pb::ServiceView>,
+    removals: Vec<pb::ServiceKey>,
+) -> pb::ViewDelta {
     pb::ViewDelta {
-        from_epoch: old.epoch,
-        epoch: new.epoch,
+        from_epoch,
+        epoch,
         upserts,
         removals,
         header: Some(pb::PopView {
-            pop: new.pop.clone(),
-            epoch: new.epoch,
+            pop: pop.to_string(),
+            epoch,
             services: Vec::new(),
-            peers: new.peers.clone(),
+            peers: peers.to_vec(),
         }),
     }
 }

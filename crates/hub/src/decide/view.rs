@@ -136,17 +136,13 @@ impl View {
             wire::diff_sorted_services::<ServicePart, _>(&old.services, &self.services, |a, b| {
                 Arc::ptr_eq(a, b) || a.same(b)
             });
-        pb::ViewDelta {
-            from_epoch: old.epoch,
-            epoch: self.epoch,
+        wire::view_delta(
+            old.epoch,
+            &self.pop,
+            self.epoch,
+            &self.peers,
             upserts,
             removals,
-            header: Some(pb::PopView {
-                pop: self.pop.clone(),
-                epoch: self.epoch,
-                services: Vec::new(),
-                peers: self.peers.clone(),
-            }),
-        }
+        )
     }
 }

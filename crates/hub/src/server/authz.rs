@@ -63,19 +63,20 @@ impl Authz {
         &self,
         chain: &[tonic::transport::CertificateDer<'_>],
     ) -> Result<SpiffeId, switchyard_pki::PkiError> {
-        let leaf = chain.first().map(|c| c.as_ref());
-        if let Some(id) = leaf.and_then(|l| self.cached(|m| m.get(l).cloned()).flatten()) {
+        let Some(leaf) = chain.first() else {
+            return Err(switchyard_pki::PkiError::NoPeerCertificate);
+        };
+        let leaf = leaf.as_ref();
+        if let Some(id) = self.cached(|m| m.get(leaf).cloned()).flatten() {
             return Ok(id);
         }
-        let id = switchyard_pki::peer_identity_from_chain(chain)?;
-        if let Some(l) = leaf {
-            self.cached(|m| {
-                if m.len() >= IDENTITY_CACHE_LEN {
-                    m.clear();
-                }
-                m.insert(l.into(), id.clone());
-            });
-        }
+        let id = switchyard_pki::peer_identity(leaf)?;
+        self.cached(|m| {
+            if m.len() >= IDENTITY_CACHE_LEN {
+                m.clear();
+            }
+            m.insert(leaf.into(), id.clone());
+        });
         Ok(id)
     }
 

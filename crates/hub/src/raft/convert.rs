@@ -10,8 +10,8 @@ use switchyard_proto::pb;
 
 use super::types::{
     AppendEntriesRequest, AppendEntriesResponse, Entry, EntryPayload, HubNode, LeaderId, LogId,
-    Membership, RaftCommand, Snapshot, SnapshotMeta, SnapshotResponse, StoredMembership, Vote,
-    VoteRequest, VoteResponse,
+    Membership, RaftCommand, Snapshot, SnapshotMeta, SnapshotResponse, StoredMembership,
+    StreamAppendError, StreamAppendResult, Vote, VoteRequest, VoteResponse,
 };
 
 /// A message from the wire that does not describe a valid openraft value.
@@ -275,6 +275,31 @@ pub fn append_response_from_pb(
     })
 }
 
+/// One streamed append answer to protobuf.
+pub fn stream_append_to_pb(r: &StreamAppendResult) -> pb::StreamAppendReply {
+    use pb::stream_append_reply::{Matched, Result as R};
+    let result = match r {
+        Ok(matched) => R::Matched(Matched {
+            log_id: opt_log_id_to_pb(matched),
+        }),
+        Err(StreamAppendError::Conflict(l)) => R::Conflict(log_id_to_pb(l)),
+        Err(StreamAppendError::HigherVote(v)) => R::HigherVote(vote_to_pb(v)),
+    };
+    pb::StreamAppendReply {
+        result: Some(result),
+    }
+}
+
+/// Protobuf streamed append answer to openraft.
+pub fn stream_append_from_pb(r: pb::StreamAppendReply) -> Result<StreamAppendResult, ConvertError> {
+    use pb::stream_append_reply::Result as R;
+    Ok(match req(r.result, "stream_append_reply.result")? {
+        R::Matched(m) => Ok(opt_log_id_from_pb(m.log_id)?),
+        R::Conflict(l) => Err(StreamAppendError::Conflict(log_id_from_pb(l)?)),
+        R::HigherVote(v) => Err(StreamAppendError::HigherVote(vote_from_pb(v)?)),
+    })
+}
+
 /// A full snapshot transfer as one protobuf request.
 pub fn install_snapshot_to_pb(vote: &Vote, snapshot: &Snapshot) -> pb::InstallSnapshotRequest {
     pb::InstallSnapshotRequest {
@@ -454,6 +479,24 @@ mod tests {
                 r
             );
         }
+    }
+
+    #[test]
+    fn stream_append_replies_round_trip() {
+        let l = LogId::new(LeaderId::new(3, 1), 9);
+        let v = Vote {
+            leader_id: LeaderId::new(4, 2),
+            committed: true,
+        };
+        for r in [
+            Ok(Some(l)),
+            Ok(None),
+            Err(StreamAppendError::Conflict(l)),
+            Err(StreamAppendError::HigherVote(v)),
+        ] {
+            assert_eq!(stream_append_from_pb(stream_append_to_pb(&r)).unwrap(), r);
+        }
+        assert!(stream_append_from_pb(pb::StreamAppendReply::default()).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod convert;
 pub mod network;
 pub mod service;
+mod stream_append;
 pub mod types;
 
 #[cfg(test)]

@@ -10,17 +10,21 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, ReplicationClosed, Timeout, Unreachable};
-use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
+use openraft::network::{stream_append_sequential, RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::RaftNetworkV2;
 use switchyard_proto::pb::raft_client::RaftClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::convert::{self, ConvertError};
+use super::stream_append::{self, OpenError};
 use super::types::{
     AppendEntriesRequest, AppendEntriesResponse, HubNode, NodeId, RPCError, Snapshot,
-    SnapshotResponse, StreamingError, TypeConfig, Vote, VoteRequest, VoteResponse,
+    SnapshotResponse, StreamAppendResult, StreamingError, TypeConfig, Vote, VoteRequest,
+    VoteResponse,
 };
 
 /// Largest Raft message accepted or sent: a whole snapshot travels in one.
@@ -142,6 +146,7 @@ impl RaftNetworkFactory<TypeConfig> for HubNetwork {
             id: self.id,
             target,
             client: self.client(&node.addr).map_err(|e| e.to_string()),
+            streaming: true,
         }
     }
 }
@@ -153,6 +158,10 @@ pub struct HubPeer {
     // A setup failure is kept and reported as Unreachable on every call, so
     // openraft backs off instead of the node failing.
     client: Result<RaftClient<Channel>, String>,
+    /// Whether the target serves `StreamAppend`; cleared when it answers
+    /// UNIMPLEMENTED (an older node), after which replication uses unary
+    /// AppendEntries with it.
+    streaming: bool,
 }
 
 impl std::fmt::Debug for HubPeer {
@@ -165,13 +174,13 @@ impl std::fmt::Debug for HubPeer {
 }
 
 /// A failed RPC, before it is shaped into the openraft error the caller needs.
-enum CallError {
+pub(super) enum CallError {
     Timeout(Duration),
     Unreachable(String),
     Network(String),
 }
 
-fn status_error(s: &Status) -> CallError {
+pub(super) fn status_error(s: &Status) -> CallError {
     match s.code() {
         // Connection refused/reset, TLS handshake failure, peer shutting down.
         Code::Unavailable => CallError::Unreachable(s.to_string()),
@@ -180,8 +189,21 @@ fn status_error(s: &Status) -> CallError {
     }
 }
 
-fn decode_error(e: ConvertError) -> CallError {
+pub(super) fn decode_error(e: ConvertError) -> CallError {
     CallError::Network(format!("malformed response: {e}"))
+}
+
+fn rpc_error(id: NodeId, target: NodeId, action: RPCTypes, e: CallError) -> RPCError {
+    match e {
+        CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
+            action,
+            id,
+            target,
+            timeout,
+        }),
+        CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::from_string(m)),
+        CallError::Network(m) => RPCError::Network(NetworkError::from_string(m)),
+    }
 }
 
 impl HubPeer {
@@ -202,16 +224,7 @@ impl HubPeer {
     }
 
     fn rpc_error(&self, action: RPCTypes, e: CallError) -> RPCError {
-        match e {
-            CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
-                action,
-                id: self.id,
-                target: self.target,
-                timeout,
-            }),
-            CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::from_string(m)),
-            CallError::Network(m) => RPCError::Network(NetworkError::from_string(m)),
-        }
+        rpc_error(self.id, self.target, action, e)
     }
 
     fn streaming_error(&self, e: CallError) -> StreamingError {
@@ -262,6 +275,45 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
         res.map_err(|e| self.rpc_error(RPCTypes::AppendEntries, e))
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult, RPCError>>, RPCError>>
+    where
+        S: Stream<Item = AppendEntriesRequest> + Send + Unpin + 'static,
+    {
+        if !self.streaming {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let client = match &self.client {
+                Ok(c) => c.clone(),
+                Err(e) => {
+                    let e = CallError::Unreachable(e.clone());
+                    return Err(self.rpc_error(RPCTypes::AppendEntries, e));
+                }
+            };
+            match stream_append::open(client, input, option.hard_ttl()).await {
+                Ok(replies) => {
+                    let (id, target) = (self.id, self.target);
+                    let replies = replies.map(move |r| {
+                        r.map_err(|e| rpc_error(id, target, RPCTypes::AppendEntries, e))
+                    });
+                    Ok(Box::pin(replies) as BoxStream<'s, _>)
+                }
+                Err(OpenError::Unimplemented) => {
+                    // This session's requests are lost with the call;
+                    // openraft resends them in the next session, unary.
+                    self.streaming = false;
+                    let e = CallError::Network("the peer has no StreamAppend".into());
+                    Err(self.rpc_error(RPCTypes::AppendEntries, e))
+                }
+                Err(OpenError::Call(e)) => Err(self.rpc_error(RPCTypes::AppendEntries, e)),
+            }
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest,
@@ -298,5 +350,35 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
             Ok(r) => Ok(r),
             Err(e) => Err(self.streaming_error(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_without_stream_append_gets_unary_appends() {
+        // A gRPC server with no services answers UNIMPLEMENTED to every
+        // method, as a node from before StreamAppend does to that one.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut net = HubNetwork::new(1, Arc::new(PlainChannelFactory::default()));
+        let mut peer = net.new_client(2, &HubNode::new(addr.to_string())).await;
+        assert!(peer.streaming);
+        let option = RPCOption::new(Duration::from_secs(10));
+        let failed = peer
+            .stream_append(futures::stream::empty(), option)
+            .await
+            .is_err();
+        assert!(failed, "an unserved StreamAppend must fail the session");
+        assert!(!peer.streaming, "the next session must use unary appends");
     }
 }

@@ -2,11 +2,16 @@
 //! [`Raft`] handle. Authorization (hub certificates only) is the caller's
 //! job: wrap the server in an interceptor.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::{Stream, StreamExt};
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ReadPolicy;
 use switchyard_proto::pb;
 use switchyard_proto::pb::raft_server::RaftServer;
 use tonic::metadata::MetadataValue;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::network::MAX_MESSAGE_SIZE;
@@ -116,8 +121,77 @@ pub fn leader_from_status(s: &Status) -> Option<(NodeId, Option<String>)> {
     Some((id, addr))
 }
 
+/// The replies of one `StreamAppend` call.
+pub type StreamAppendReplies =
+    Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
+
+/// The requests of a `StreamAppend` call as openraft takes them. A request
+/// that does not decode (or a broken stream) ends the input; the error is
+/// kept in `failed` and becomes the call's final status, after the replies
+/// to every request before it.
+fn append_requests(
+    inbound: Streaming<pb::AppendEntriesRequest>,
+    failed: Arc<Mutex<Option<Status>>>,
+) -> impl Stream<Item = super::types::AppendEntriesRequest> + Send + 'static {
+    inbound
+        .map(|r| r.and_then(|r| convert::append_request_from_pb(r).map_err(bad_request)))
+        .scan(failed, |failed, r| {
+            let next = match r {
+                Ok(req) => Some(req),
+                Err(status) => {
+                    // A client that cancels the stream is not an error to report.
+                    if status.code() != tonic::Code::Cancelled {
+                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+                    }
+                    None
+                }
+            };
+            std::future::ready(next)
+        })
+}
+
+/// Resolves once `raft` has shut down.
+async fn raft_stopped(raft: Raft) {
+    let mut metrics = raft.metrics();
+    loop {
+        if metrics.borrow_watched().state == openraft::ServerState::Shutdown {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
+    type StreamAppendStream = StreamAppendReplies;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<pb::AppendEntriesRequest>>,
+    ) -> Result<Response<StreamAppendReplies>, Status> {
+        let failed = Arc::new(Mutex::new(None));
+        // Both directions end with the node: openraft's reader task holds
+        // the input, and an idle stream would otherwise outlive Raft and
+        // hold a graceful server shutdown open.
+        let input = append_requests(request.into_inner(), failed.clone())
+            .take_until(Box::pin(raft_stopped(self.raft.clone())));
+        let replies = self
+            .raft
+            .stream_append(input)
+            .map(|r| match r {
+                Ok(res) => Ok(convert::stream_append_to_pb(&res)),
+                Err(f) => Err(fatal(&f)),
+            })
+            .take_until(Box::pin(raft_stopped(self.raft.clone())));
+        // After the last reply: the input's error, if it ended on one.
+        let tail = futures::stream::once(async move {
+            failed.lock().unwrap_or_else(PoisonError::into_inner).take()
+        })
+        .filter_map(|e| std::future::ready(e.map(Err)));
+        Ok(Response::new(Box::pin(replies.chain(tail))))
+    }
     async fn vote(
         &self,
         request: Request<pb::VoteRequest>,

@@ -108,12 +108,14 @@ impl TestNode {
     }
 
     async fn stop(&mut self) {
+        // Raft first: its end closes the replication streams the server
+        // would otherwise wait for.
+        if let Some(hub) = self.hub.take() {
+            hub.raft.shutdown().await.unwrap();
+        }
         if let Some((tx, h)) = self.server.take() {
             let _ = tx.send(());
             let _ = h.await;
-        }
-        if let Some(hub) = self.hub.take() {
-            hub.raft.shutdown().await.unwrap();
         }
     }
 
@@ -371,5 +373,42 @@ async fn lagging_node_catches_up_through_a_snapshot() {
 
     for n in nodes.iter_mut() {
         n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_append_stream_ends_that_stream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(TestNode::new(id, dir.path()).await);
+    }
+    let members: BTreeMap<NodeId, HubNode> = nodes.iter().map(|n| (n.id, n.node())).collect();
+    nodes[0].hub().raft.initialize(members).await.unwrap();
+    let leader = wait_leader(&nodes).await;
+    let follower = nodes.iter().position(|n| n.id != leader).unwrap();
+
+    // A request without a vote does not decode: the stream ends with
+    // INVALID_ARGUMENT naming the field.
+    let bad = futures::stream::iter(vec![pb::AppendEntriesRequest::default()]);
+    let mut replies = nodes[follower]
+        .client()
+        .await
+        .stream_append(bad)
+        .await
+        .unwrap()
+        .into_inner();
+    let status = tokio::time::timeout(PATIENCE, replies.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("vote"), "{status:?}");
+
+    // Replication through the same node goes on.
+    let r = propose(&nodes, follower, init_federation()).await;
+    assert_eq!(r.error, pb::ErrorCode::None as i32);
+    for n in &nodes {
+        n.wait_applied(r.index).await;
     }
 }

@@ -110,6 +110,10 @@ pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>
 pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<TypeConfig>;
 /// Response to a full snapshot transfer.
 pub type SnapshotResponse = openraft::raft::SnapshotResponse<TypeConfig>;
+/// One answer on an AppendEntries stream.
+pub type StreamAppendResult = openraft::raft::StreamAppendResult<TypeConfig>;
+/// Why an AppendEntries stream stopped.
+pub type StreamAppendError = openraft::raft::StreamAppendError<TypeConfig>;
 /// Result of a client write on the leader.
 pub type ClientWriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
 

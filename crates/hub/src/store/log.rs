@@ -7,9 +7,11 @@
 //! transaction (one fsync) and only then fires their `IOFlushed`
 //! callbacks. So the leader replicates to followers while its own fsync
 //! runs, and concurrent writes share fsyncs. Every other mutation (vote,
-//! committed, truncate, purge) goes through the same queue and is awaited,
-//! so mutations reach the disk in the order Raft issued them, and when one
-//! returns every earlier append is on disk and gone from the overlay.
+//! truncate, purge) goes through the same queue and is awaited, so
+//! mutations reach the disk in the order Raft issued them, and when one
+//! returns every earlier append is on disk. The overlay keeps the newest
+//! durable entries too (see [`KEEP_ENTRIES`]): replication reads them from
+//! memory.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -46,8 +48,98 @@ fn decode_log_id(bytes: &[u8]) -> io::Result<LogId> {
     convert::log_id_from_pb(l).map_err(|e| invalid("log id", e))
 }
 
-/// Entries appended but not yet on disk: index -> encoded `pb::Entry`.
-type Overlay = Arc<Mutex<BTreeMap<u64, Vec<u8>>>>;
+/// Entries kept in memory (see [`Recent`]).
+type Overlay = Arc<Mutex<Recent>>;
+
+/// How many of the newest durable entries stay in memory, so replication
+/// reads them without a disk read (a blocking-pool hop, a read transaction
+/// and a B-tree scan per request). Bounded by count and by size, whichever
+/// is hit first.
+pub(crate) const KEEP_ENTRIES: usize = 256;
+/// See [`KEEP_ENTRIES`] (bytes of encoded entries).
+const KEEP_BYTES: usize = 64 * 1024;
+
+/// The newest entries of the log, encoded: every entry not yet on disk,
+/// and the newest durable ones up to [`KEEP_ENTRIES`] / [`KEEP_BYTES`].
+///
+/// It is always a suffix of the log, without holes: appends add at the
+/// end, trimming takes from the front, truncation and purge cut both the
+/// disk and this. So a read whose start is in it needs no disk read.
+#[derive(Debug, Default)]
+struct Recent {
+    entries: BTreeMap<u64, Vec<u8>>,
+    bytes: usize,
+    /// The highest index known to be on disk: only entries at or below it
+    /// may be trimmed.
+    durable: Option<u64>,
+}
+
+impl Recent {
+    fn insert(&mut self, index: u64, bytes: Vec<u8>) {
+        self.bytes += bytes.len();
+        if let Some(old) = self.entries.insert(index, bytes) {
+            self.bytes -= old.len();
+        }
+    }
+
+    /// Entries up to `last` are durable; trims to the bounds.
+    fn flushed(&mut self, last: u64) {
+        self.durable = Some(self.durable.map_or(last, |d| d.max(last)));
+        while self.entries.len() > KEEP_ENTRIES || self.bytes > KEEP_BYTES {
+            match self.entries.first_key_value() {
+                Some((&first, _)) if Some(first) <= self.durable => self.remove(first),
+                _ => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, index: u64) {
+        if let Some(old) = self.entries.remove(&index) {
+            self.bytes -= old.len();
+        }
+    }
+
+    /// Drops every entry from `from` on (after a truncation).
+    fn truncate_from(&mut self, from: u64) {
+        for (_, v) in self.entries.split_off(&from) {
+            self.bytes -= v.len();
+        }
+        self.durable = match from.checked_sub(1) {
+            Some(before) => self.durable.map(|d| d.min(before)),
+            None => None,
+        };
+    }
+
+    /// Drops every entry up to `last` (after a purge).
+    fn purge_upto(&mut self, last: u64) {
+        let keep = match last.checked_add(1) {
+            Some(next) => self.entries.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        self.entries = keep;
+        self.bytes = self.entries.values().map(Vec::len).sum();
+    }
+
+    /// Whether entries from `start` on are all here (none on disk only).
+    fn covers(&self, start: u64) -> bool {
+        self.entries
+            .first_key_value()
+            .is_some_and(|(&first, _)| first <= start)
+    }
+
+    /// Copies of the entries in `start..end` (`end` `None`: to the last).
+    fn range(&self, start: u64, end: Option<u64>) -> Vec<(u64, Vec<u8>)> {
+        let range = match end {
+            Some(e) => self.entries.range(start..e),
+            None => self.entries.range(start..),
+        };
+        range.map(|(i, v)| (*i, v.clone())).collect()
+    }
+
+    fn last(&self) -> Option<&Vec<u8>> {
+        self.entries.values().next_back()
+    }
+}
 
 /// Work for the writer thread, done in queue order.
 enum Job {
@@ -80,9 +172,9 @@ pub struct LogStore {
     committed: Arc<Mutex<Option<Option<LogId>>>>,
 }
 
-fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, BTreeMap<u64, Vec<u8>>> {
-    // Every update of the map is a single insert or remove: a panic while
-    // holding the lock cannot leave it half changed.
+fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, Recent> {
+    // No method of `Recent` can panic halfway (its arithmetic only undoes
+    // what it added), so a poisoned lock still holds a consistent value.
     o.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -173,13 +265,8 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
                 }
                 match backend.commit(merged) {
                     Ok(()) => {
-                        {
-                            let mut o = lock(&overlay);
-                            for (first, last, _) in &done {
-                                for i in *first..=*last {
-                                    o.remove(&i);
-                                }
-                            }
+                        if let Some(last) = done.iter().map(|(_, last, _)| *last).max() {
+                            lock(&overlay).flushed(last);
                         }
                         for (_, _, cb) in done {
                             cb.io_completed(Ok(()));
@@ -206,6 +293,28 @@ fn with_held(held: &mut Option<WriteBatch>, batch: WriteBatch) -> WriteBatch {
         }
         None => batch,
     }
+}
+
+/// Decodes consecutive encoded entries, refusing a hole: a hole inside a
+/// range means the store is corrupt, and openraft must not be fed a
+/// non-contiguous log.
+fn decode_run(rows: impl ExactSizeIterator<Item = Vec<u8>>) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut expect = None;
+    for v in rows {
+        let e = decode_entry(&v)?;
+        if let Some(x) = expect {
+            if e.log_id.index != x {
+                return Err(invalid(
+                    "log",
+                    format!("hole: expected index {x}, found {}", e.log_id.index),
+                ));
+            }
+        }
+        expect = Some(e.log_id.index + 1);
+        out.push(e);
+    }
+    Ok(out)
 }
 
 impl Debug for LogStore {
@@ -295,17 +404,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if end.is_some_and(|e| e <= start) {
             return Ok(Vec::new());
         }
-        // Entries not yet on disk come from the overlay. It is read
-        // before the disk: the writer removes an entry from the overlay
-        // only after committing it, so an entry flushed in between is
-        // found on one side or both (then the same bytes), never neither.
-        let pending: Vec<(u64, Vec<u8>)> = {
+        // The newest entries come from memory. It is read before the disk:
+        // the writer trims an entry from memory only after committing it,
+        // so an entry trimmed in between is found on one side or both (then
+        // the same bytes), never neither.
+        let pending = {
             let o = lock(&self.overlay);
-            let range = match end {
-                Some(e) => o.range(start..e),
-                None => o.range(start..),
-            };
-            range.map(|(i, v)| (*i, v.clone())).collect()
+            let pending = o.range(start, end);
+            if o.covers(start) {
+                return decode_run(pending.into_iter().map(|(_, v)| v));
+            }
+            pending
         };
         let b = self.backend.clone();
         let rows = blocking(move || {
@@ -321,24 +430,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .filter_map(|(k, v)| Some((u64::from_be_bytes(k.try_into().ok()?), v)))
             .collect();
         rows.extend(pending);
-        let mut out = Vec::with_capacity(rows.len());
-        let mut expect = None;
-        for (_, v) in rows {
-            let e = decode_entry(&v)?;
-            // A hole inside the range means the store is corrupt; openraft
-            // must not be fed a non-contiguous log.
-            if let Some(x) = expect {
-                if e.log_id.index != x {
-                    return Err(invalid(
-                        "log",
-                        format!("hole: expected index {x}, found {}", e.log_id.index),
-                    ));
-                }
-            }
-            expect = Some(e.log_id.index + 1);
-            out.push(e);
-        }
-        Ok(out)
+        decode_run(rows.into_values())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -358,7 +450,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged = self.read_meta_log_id(KEY_PURGED).await?;
         // Overlay first, as in `try_get_log_entries`.
-        let pending = lock(&self.overlay).values().next_back().cloned();
+        let pending = lock(&self.overlay).last().cloned();
         let b = self.backend.clone();
         let last = blocking(move || b.last(Table::Log)).await?;
         let last_log_id = match pending.or(last.map(|(_, v)| v)) {
@@ -468,7 +560,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index + 1);
         let mut wb = WriteBatch::new();
         wb.delete_range(Table::Log, index_key(from), None);
-        self.commit(wb).await
+        // Awaiting the writer also flushes every earlier append, so
+        // nothing it still holds can land after this cut.
+        self.commit(wb).await?;
+        lock(&self.overlay).truncate_from(from);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
@@ -482,6 +578,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         let end = log_id.index.checked_add(1).map(|e| index_key(e).to_vec());
         wb.delete_range(Table::Log, index_key(0), end);
-        self.commit(wb).await
+        self.commit(wb).await?;
+        lock(&self.overlay).purge_upto(log_id.index);
+        Ok(())
     }
 }

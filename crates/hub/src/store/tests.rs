@@ -355,3 +355,48 @@ async fn the_committed_hint_reads_back_at_once_and_reaches_the_store() {
         tokio::time::sleep(LAZY_HOLD).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_the_kept_entries_and_the_disk_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn Backend> =
+        Arc::new(RedbBackend::open(dir.path().join("raft.redb")).unwrap());
+    let (mut log, _sm) = open(backend.clone()).await.unwrap();
+    // More entries than memory keeps: the oldest are read from disk only.
+    let total = crate::store::log::KEEP_ENTRIES as u64 + 500;
+    for chunk in (1..=total).collect::<Vec<_>>().chunks(700) {
+        let entries = chunk
+            .iter()
+            .map(|&i| cmd_entry(i, revoke(&format!("s{i}"))))
+            .collect();
+        append_acked(&mut log, entries).await.unwrap();
+    }
+    let indexes = |es: &[Entry]| es.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    for (start, end) in [(1, total + 1), (1, 10), (400, 900), (total - 5, total + 1)] {
+        let got = log.try_get_log_entries(start..end).await.unwrap();
+        assert_eq!(indexes(&got), (start..end).collect::<Vec<_>>());
+    }
+    let tail = log.try_get_log_entries(total - 2..).await.unwrap();
+    assert_eq!(indexes(&tail), vec![total - 2, total - 1, total]);
+
+    // A truncation cuts memory too: a new entry with the same index from
+    // another term replaces the old one, and nothing after it is left.
+    log.truncate_after(Some(log_id(1, total - 10)))
+        .await
+        .unwrap();
+    let mut replaced = Entry::new_blank(log_id(2, total - 9));
+    replaced.payload = EntryPayload::Normal(RaftCommand(revoke("new")));
+    append_acked(&mut log, vec![replaced]).await.unwrap();
+    let tail = log.try_get_log_entries(total - 11..).await.unwrap();
+    assert_eq!(indexes(&tail), vec![total - 11, total - 10, total - 9]);
+    assert_eq!(tail[2].log_id, log_id(2, total - 9));
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(2, total - 9))
+    );
+
+    // A purge drops the front from memory and disk alike.
+    log.purge(log_id(1, total - 20)).await.unwrap();
+    let got = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(indexes(&got), (total - 19..=total - 9).collect::<Vec<_>>());
+}

@@ -580,6 +580,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         wb.delete_range(Table::Log, index_key(0), end);
         self.commit(wb).await?;
         lock(&self.overlay).purge_upto(log_id.index);
+        super::memory::release_free_heap();
         Ok(())
     }
 }

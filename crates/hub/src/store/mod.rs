@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod log;
+mod memory;
 pub mod state_machine;
 
 #[cfg(test)]

@@ -1,0 +1,25 @@
+//! Handing freed heap memory back to the kernel after the store's big,
+//! short-lived allocations.
+//!
+//! A snapshot encodes the whole state into one buffer and writes it in one
+//! redb transaction; a purge then rewrites most of the log table. Tens of
+//! MiB are allocated and freed while the state keeps growing around them,
+//! so glibc's heap cannot shrink from the top and the node's RSS stayed
+//! about 55 MiB higher after its first snapshot (`hub-vs-etcd`, 16
+//! clients). `malloc_trim` also releases free pages inside the heap.
+
+/// Returns free heap pages to the kernel (glibc only; elsewhere nothing).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub(crate) fn release_free_heap() {
+    // SAFETY: malloc_trim(3) takes no pointers and only touches the
+    // allocator's own free lists under the allocator's locks; it is safe to
+    // call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Returns free heap pages to the kernel (glibc only; elsewhere nothing).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn release_free_heap() {}

@@ -217,16 +217,22 @@ async fn propose(nodes: &[TestNode], mut to: usize, cmd: pb::Command) -> pb::Com
     panic!("no leader accepted the proposal");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_replicate_and_a_restarted_node_recovers() {
-    let dir = tempfile::tempdir().unwrap();
+/// A 3-node cluster formed under `dir`, and its leader's id.
+async fn three_nodes(dir: &Path) -> (Vec<TestNode>, NodeId) {
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(TestNode::new(id, dir.path()).await);
+        nodes.push(TestNode::new(id, dir).await);
     }
     let members: BTreeMap<NodeId, HubNode> = nodes.iter().map(|n| (n.id, n.node())).collect();
     nodes[0].hub().raft.initialize(members).await.unwrap();
     let leader = wait_leader(&nodes).await;
+    (nodes, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_a_restarted_node_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, leader) = three_nodes(dir.path()).await;
     let follower = nodes.iter().position(|n| n.id != leader).unwrap();
 
     // Sent to a follower on purpose: it must redirect to the leader.
@@ -313,13 +319,7 @@ async fn three_nodes_replicate_and_a_restarted_node_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_catches_up_through_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(TestNode::new(id, dir.path()).await);
-    }
-    let members: BTreeMap<NodeId, HubNode> = nodes.iter().map(|n| (n.id, n.node())).collect();
-    nodes[0].hub().raft.initialize(members).await.unwrap();
-    let leader = wait_leader(&nodes).await;
+    let (mut nodes, leader) = three_nodes(dir.path()).await;
     let li = nodes.iter().position(|n| n.id == leader).unwrap();
     let down = nodes.iter().position(|n| n.id != leader).unwrap();
     nodes[down].stop().await;
@@ -379,13 +379,7 @@ async fn lagging_node_catches_up_through_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_append_stream_ends_that_stream_only() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(TestNode::new(id, dir.path()).await);
-    }
-    let members: BTreeMap<NodeId, HubNode> = nodes.iter().map(|n| (n.id, n.node())).collect();
-    nodes[0].hub().raft.initialize(members).await.unwrap();
-    let leader = wait_leader(&nodes).await;
+    let (nodes, leader) = three_nodes(dir.path()).await;
     let follower = nodes.iter().position(|n| n.id != leader).unwrap();
 
     // A request without a vote does not decode: the stream ends with

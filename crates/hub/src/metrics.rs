@@ -71,6 +71,17 @@ pub fn rejected(reason: &'static str) {
     metrics::counter!(REJECTED, "reason" => reason).increment(1);
 }
 
+/// The rejection reason a gRPC status stands for, if it is one: an
+/// oversized message (`OUT_OF_RANGE`, `RESOURCE_EXHAUSTED`) or one that
+/// does not decode (`INTERNAL` / `INVALID_ARGUMENT` from the decoder).
+pub fn rejection_reason(code: i32, message: &str) -> Option<&'static str> {
+    match code {
+        11 | 8 => Some("oversized"),
+        13 | 3 if message.contains("decode") => Some("malformed"),
+        _ => None,
+    }
+}
+
 /// Counts one proposal by outcome.
 pub fn counter_proposal(outcome: &'static str) {
     metrics::counter!(PROPOSALS, "outcome" => outcome).increment(1);

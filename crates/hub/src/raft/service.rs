@@ -139,6 +139,11 @@ fn append_requests(
             let next = match r {
                 Ok(req) => Some(req),
                 Err(status) => {
+                    // Trailers pass the server's status counter by; count here.
+                    let code = status.code() as i32;
+                    if let Some(r) = crate::metrics::rejection_reason(code, status.message()) {
+                        crate::metrics::rejected(r);
+                    }
                     // A client that cancels the stream is not an error to report.
                     if status.code() != tonic::Code::Cancelled {
                         *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);

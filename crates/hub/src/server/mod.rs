@@ -529,16 +529,15 @@ fn count_status<B>(resp: ::http::Response<B>) -> ::http::Response<B> {
         .and_then(|v| v.to_str().ok())
     {
         if code != "0" {
-            let reason = match code {
-                "11" | "8" => Some("oversized"),
-                "13" | "3" => resp
-                    .headers()
-                    .get("grpc-message")
-                    .and_then(|m| m.to_str().ok())
-                    .filter(|m| m.contains("decode"))
-                    .map(|_| "malformed"),
-                _ => None,
-            };
+            let message = resp
+                .headers()
+                .get("grpc-message")
+                .and_then(|m| m.to_str().ok())
+                .unwrap_or("");
+            let reason = code
+                .parse()
+                .ok()
+                .and_then(|c| metrics::rejection_reason(c, message));
             if let Some(r) = reason {
                 metrics::rejected(r);
             }

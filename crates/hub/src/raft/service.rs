@@ -155,9 +155,10 @@ fn append_requests(
         })
 }
 
-/// Resolves once `raft` has shut down.
+/// Resolves once `raft` has shut down. Watches the server metrics, which
+/// change with the role and vote only, not on every write.
 async fn raft_stopped(raft: Raft) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     loop {
         if metrics.borrow_watched().state == openraft::ServerState::Shutdown {
             return;

@@ -47,11 +47,11 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn new(depth: usize) -> Self {
+    fn new() -> Self {
         InFlight {
             sent: Mutex::default(),
             more: Notify::new(),
-            permits: Semaphore::new(depth),
+            permits: Semaphore::new(DEPTH),
         }
     }
 
@@ -71,13 +71,15 @@ impl InFlight {
             .copied()
     }
 
-    fn pop(&self) -> Option<Instant> {
+    /// Marks the oldest request answered; false if none was in flight.
+    fn pop(&self) -> bool {
         let sent = self
             .sent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pop_front();
-        if sent.is_some() {
+            .pop_front()
+            .is_some();
+        if sent {
             self.permits.add_permits(1);
         }
         sent
@@ -111,11 +113,12 @@ impl Replies {
             return match got {
                 None => None,
                 Some(Err(status)) => Some(Err(status_error(&status))),
-                Some(Ok(reply)) => Some(match self.in_flight.pop() {
-                    Some(_) => convert::stream_append_from_pb(reply).map_err(decode_error),
-                    None => Err(CallError::Network(
+                Some(Ok(reply)) => Some(if self.in_flight.pop() {
+                    convert::stream_append_from_pb(reply).map_err(decode_error)
+                } else {
+                    Err(CallError::Network(
                         "StreamAppend answer without a request".into(),
-                    )),
+                    ))
                 }),
             };
         }
@@ -133,7 +136,7 @@ pub(super) async fn open<S>(
 where
     S: Stream<Item = AppendEntriesRequest> + Send + Unpin + 'static,
 {
-    let in_flight = Arc::new(InFlight::new(DEPTH));
+    let in_flight = Arc::new(InFlight::new());
     let sending = in_flight.clone();
     let requests = futures::stream::unfold((input, sending), |(mut input, sending)| async move {
         // Take the slot before asking openraft for the request: it sizes the

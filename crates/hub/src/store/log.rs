@@ -143,11 +143,10 @@ impl Recent {
 
 /// Work for the writer thread, done in queue order.
 enum Job {
-    /// Entries `first..=last` (already in the overlay); `callback` fires
+    /// Entries up to `last` (already in the overlay); `callback` fires
     /// once they are durable.
     Append {
         batch: WriteBatch,
-        first: u64,
         last: u64,
         callback: IOFlushed<TypeConfig>,
     },
@@ -238,24 +237,24 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
             }
             Job::Append {
                 batch,
-                first,
                 last,
                 callback,
             } => {
                 // Group commit: every append queued behind this one shares
                 // its transaction and fsync.
                 let mut merged = with_held(&mut held, batch);
-                let mut done = vec![(first, last, callback)];
+                let mut last = last;
+                let mut done = vec![callback];
                 while let Ok(j) = rx.try_recv() {
                     match j {
                         Job::Append {
                             batch,
-                            first,
-                            last,
+                            last: l,
                             callback,
                         } => {
                             merged.ops.extend(batch.ops);
-                            done.push((first, last, callback));
+                            last = last.max(l);
+                            done.push(callback);
                         }
                         other => {
                             next = Some(other);
@@ -265,16 +264,14 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
                 }
                 match backend.commit(merged) {
                     Ok(()) => {
-                        if let Some(last) = done.iter().map(|(_, last, _)| *last).max() {
-                            lock(&overlay).flushed(last);
-                        }
-                        for (_, _, cb) in done {
+                        lock(&overlay).flushed(last);
+                        for cb in done {
                             cb.io_completed(Ok(()));
                         }
                     }
                     Err(e) => {
                         let e = io::Error::from(e);
-                        for (_, _, cb) in done {
+                        for cb in done {
                             cb.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
                         }
                     }
@@ -524,7 +521,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut wb = WriteBatch::new();
-        let mut range: Option<(u64, u64)> = None;
+        let mut last = None;
         {
             let mut o = lock(&self.overlay);
             for e in entries {
@@ -532,17 +529,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let bytes = convert::entry_to_pb(&e).encode_to_vec();
                 o.insert(i, bytes.clone());
                 wb.put(Table::Log, index_key(i), bytes);
-                range = Some(range.map_or((i, i), |(f, _)| (f, i)));
+                last = Some(i);
             }
         }
-        let Some((first, last)) = range else {
+        let Some(last) = last else {
             callback.io_completed(Ok(()));
             return Ok(());
         };
         // Readable now (overlay); durable when the writer fires `callback`.
         let job = Job::Append {
             batch: wb,
-            first,
             last,
             callback,
         };
@@ -580,7 +576,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         wb.delete_range(Table::Log, index_key(0), end);
         self.commit(wb).await?;
         lock(&self.overlay).purge_upto(log_id.index);
-        super::memory::release_free_heap();
+        super::memory::release_free_heap_soon();
         Ok(())
     }
 }

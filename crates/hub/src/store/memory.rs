@@ -8,10 +8,17 @@
 //! about 55 MiB higher after its first snapshot (`hub-vs-etcd`, 16
 //! clients). `malloc_trim` also releases free pages inside the heap.
 
+/// Returns free heap pages to the kernel on the blocking pool: a trim walks
+/// the whole heap (milliseconds on a large one), which must not stall a
+/// runtime worker. Call from within the runtime.
+pub(crate) fn release_free_heap_soon() {
+    drop(tokio::task::spawn_blocking(release_free_heap));
+}
+
 /// Returns free heap pages to the kernel (glibc only; elsewhere nothing).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-pub(crate) fn release_free_heap() {
+fn release_free_heap() {
     // SAFETY: malloc_trim(3) takes no pointers and only touches the
     // allocator's own free lists under the allocator's locks; it is safe to
     // call from any thread at any time.
@@ -22,4 +29,4 @@ pub(crate) fn release_free_heap() {
 
 /// Returns free heap pages to the kernel (glibc only; elsewhere nothing).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub(crate) fn release_free_heap() {}
+fn release_free_heap() {}

@@ -203,7 +203,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot: prost::Message::encode_to_vec(&self.state),
         };
         self.sm.persist_snapshot(&snap, false).await?;
-        super::memory::release_free_heap();
+        super::memory::release_free_heap_soon();
         Ok(snap)
     }
 }

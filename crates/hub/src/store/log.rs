@@ -11,14 +11,16 @@
 //! mutations reach the disk in the order Raft issued them, and when one
 //! returns every earlier append is on disk. The overlay keeps the newest
 //! durable entries too (see [`KEEP_ENTRIES`]): replication reads them from
-//! memory.
+//! memory. The committed index, a hint Raft gives on every commit, is
+//! written at most every [`HINT_EVERY`] (see [`Hint`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -150,12 +152,17 @@ enum Job {
         last: u64,
         callback: IOFlushed<TypeConfig>,
     },
-    /// Any other mutation; `lazy` skips the fsync.
+    /// Any other mutation, committed durably. `log_end`: the mutation cuts
+    /// the log after this index (a truncation), so fewer entries are
+    /// durable than before.
     Commit {
         batch: WriteBatch,
-        lazy: bool,
+        log_end: Option<Option<u64>>,
         done: tokio::sync::oneshot::Sender<Result<(), BackendError>>,
     },
+    /// A new committed-index hint waits in [`HintShared::slot`] and the writer had
+    /// no hint due: it starts the clock.
+    Hint,
 }
 
 /// The Raft log of one node. Cheap to clone; clones share the backend, the
@@ -166,9 +173,24 @@ pub struct LogStore {
     backend: Arc<dyn Backend>,
     overlay: Overlay,
     writer: Arc<Mutex<mpsc::Sender<Job>>>,
-    /// The last committed index given to `save_committed`: the writer may
-    /// still hold it (see [`LAZY_HOLD`]), and a read must see it.
-    committed: Arc<Mutex<Option<Option<LogId>>>>,
+    hint: Arc<HintShared>,
+}
+
+/// The committed-index hint, shared by `save_committed` and the writer.
+#[derive(Debug, Default)]
+struct HintShared {
+    /// The newest value given to `save_committed` (outer `None`: none yet
+    /// this run). A read must see it even before it is written.
+    slot: Mutex<Option<Option<LogId>>>,
+    /// Set while the writer knows a hint is due (so `save_committed` need
+    /// not wake it); the writer clears it before it reads `slot`.
+    armed: AtomicBool,
+}
+
+impl HintShared {
+    fn get(&self) -> Option<Option<LogId>> {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, Recent> {
@@ -177,39 +199,122 @@ fn lock(o: &Overlay) -> std::sync::MutexGuard<'_, Recent> {
     o.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How long the writer holds a lazy mutation (the committed-index hint)
-/// waiting for a durable commit to ride on, before committing it alone.
-/// Under load the next append comes within milliseconds, and the hint no
-/// longer costs a transaction of its own per write.
-pub(crate) const LAZY_HOLD: Duration = Duration::from_millis(100);
+/// How often, at most, the writer puts the committed-index hint on disk.
+/// Raft gives a new one with every commit; writing each would add a page
+/// to every commit's fsync. Losing the newest hint in a crash is harmless:
+/// a restarted node replays less of its log until the leader tells it the
+/// committed index again.
+pub(crate) const HINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The writer's side of the committed-index hint.
+///
+/// A hint is written only once every entry up to it is durable, so a
+/// restarted node never finds a committed index past its log. Raft commits
+/// an index before the node's own copy of the entry is durable (a quorum of
+/// others suffices), so the newest hint may run ahead of the disk.
+struct Hint {
+    shared: Arc<HintShared>,
+    /// The value most recently written.
+    written: Option<Option<LogId>>,
+    /// When the waiting hint is written at the latest; `None`: none waits.
+    due: Option<Instant>,
+    /// The last index of the durable log, as far as the writer knows.
+    durable_last: Option<u64>,
+}
+
+impl Hint {
+    fn woken(&mut self, now: Instant) {
+        self.due.get_or_insert(now + HINT_EVERY);
+    }
+
+    /// How long the writer may block before the waiting hint is due.
+    fn wait(&self, now: Instant) -> Option<Duration> {
+        self.due.map(|d| d.saturating_duration_since(now))
+    }
+
+    /// The hint's write, if one is due at `now` (or `force`) and every entry
+    /// up to it is durable once the log ends at `log_last`.
+    fn take(&mut self, now: Instant, force: bool, log_last: Option<u64>) -> Option<WriteBatch> {
+        if !force && self.due.is_none_or(|d| now < d) {
+            return None;
+        }
+        // Disarm before reading: a value stored after the read wakes the
+        // writer again instead of being missed.
+        self.shared.armed.store(false, Ordering::SeqCst);
+        let value = match self.shared.get() {
+            Some(v) if Some(v) != self.written => v,
+            _ => {
+                self.due = None;
+                return None;
+            }
+        };
+        if value.is_some_and(|c| log_last.is_none_or(|l| c.index > l)) {
+            // Its entries are still queued: try again with a later commit.
+            self.shared.armed.store(true, Ordering::SeqCst);
+            self.due = Some(now + HINT_EVERY);
+            return None;
+        }
+        self.due = None;
+        self.written = Some(value);
+        let mut wb = WriteBatch::new();
+        match value {
+            Some(c) => wb.put(
+                Table::Meta,
+                KEY_COMMITTED,
+                convert::log_id_to_pb(&c).encode_to_vec(),
+            ),
+            None => wb.delete(Table::Meta, KEY_COMMITTED),
+        }
+        Some(wb)
+    }
+}
 
 /// The writer thread: commits queued appends together, then their
-/// callbacks; other mutations one by one, in order. Lazy mutations are
-/// held (at most [`LAZY_HOLD`]) and put in front of the next commit, which
-/// keeps them behind every job queued before them. Ends when every
-/// `LogStore` clone is gone.
-fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Job>) {
+/// callbacks; other mutations one by one, in order; the committed-index
+/// hint with an append when due, or alone when no append comes. Ends when
+/// every `LogStore` clone is gone.
+fn write_loop(
+    backend: Arc<dyn Backend>,
+    overlay: Overlay,
+    rx: mpsc::Receiver<Job>,
+    mut hint: Hint,
+) {
+    // The log already on disk counts as durable. If it cannot be read, no
+    // hint is written before the first append, which is merely late.
+    hint.durable_last = match backend.last(Table::Log) {
+        Ok(Some((key, _))) => key.try_into().ok().map(u64::from_be_bytes),
+        _ => None,
+    };
     let mut next = None;
-    let mut held: Option<WriteBatch> = None;
     loop {
         let job = match next.take() {
             Some(j) => j,
             None => {
-                let got = match &held {
-                    Some(_) => rx.recv_timeout(LAZY_HOLD),
+                let got = match hint.wait(Instant::now()) {
+                    Some(wait) => rx.recv_timeout(wait),
                     None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
                 };
                 match got {
                     Ok(j) => j,
                     Err(gone) => {
-                        if let Some(batch) = held.take() {
-                            if let Err(e) = backend.commit_lazy(batch) {
+                        let last = gone == mpsc::RecvTimeoutError::Disconnected;
+                        let durable_last = hint.durable_last;
+                        if let Some(batch) = hint.take(Instant::now(), last, durable_last) {
+                            // Alone it need not be durable at once (the next
+                            // commit's fsync takes it along), but the last
+                            // one has no next commit.
+                            let r = if last {
+                                backend.commit(batch)
+                            } else {
+                                backend.commit_lazy(batch)
+                            };
+                            if let Err(e) = r {
                                 // Nobody waits for the hint: report it here
                                 // (the next durable commit fails loudly).
                                 tracing::warn!(error = %e, "saving the committed index failed");
                             }
                         }
-                        if gone == mpsc::RecvTimeoutError::Disconnected {
+                        if last {
                             return;
                         }
                         continue;
@@ -218,22 +323,19 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
             }
         };
         match job {
+            Job::Hint => hint.woken(Instant::now()),
             Job::Commit {
                 batch,
-                lazy: true,
+                log_end,
                 done,
             } => {
-                held.get_or_insert_with(WriteBatch::new)
-                    .ops
-                    .extend(batch.ops);
-                let _ = done.send(Ok(()));
-            }
-            Job::Commit {
-                batch,
-                lazy: false,
-                done,
-            } => {
-                let _ = done.send(backend.commit(with_held(&mut held, batch)));
+                let r = backend.commit(batch);
+                if r.is_ok() {
+                    if let Some(end) = log_end {
+                        hint.durable_last = end;
+                    }
+                }
+                let _ = done.send(r);
             }
             Job::Append {
                 batch,
@@ -242,7 +344,7 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
             } => {
                 // Group commit: every append queued behind this one shares
                 // its transaction and fsync.
-                let mut merged = with_held(&mut held, batch);
+                let mut merged = batch;
                 let mut last = last;
                 let mut done = vec![callback];
                 while let Ok(j) = rx.try_recv() {
@@ -256,14 +358,21 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
                             last = last.max(l);
                             done.push(callback);
                         }
+                        Job::Hint => hint.woken(Instant::now()),
                         other => {
                             next = Some(other);
                             break;
                         }
                     }
                 }
+                // Appends extend the log from its current end (a conflict
+                // is truncated first), so `last` is the log's end now.
+                if let Some(h) = hint.take(Instant::now(), false, Some(last)) {
+                    merged.ops.extend(h.ops);
+                }
                 match backend.commit(merged) {
                     Ok(()) => {
+                        hint.durable_last = Some(last);
                         lock(&overlay).flushed(last);
                         for cb in done {
                             cb.io_completed(Ok(()));
@@ -278,17 +387,6 @@ fn write_loop(backend: Arc<dyn Backend>, overlay: Overlay, rx: mpsc::Receiver<Jo
                 }
             }
         }
-    }
-}
-
-/// `batch` behind the held lazy mutations, if any.
-fn with_held(held: &mut Option<WriteBatch>, batch: WriteBatch) -> WriteBatch {
-    match held.take() {
-        Some(mut h) => {
-            h.ops.extend(batch.ops);
-            h
-        }
-        None => batch,
     }
 }
 
@@ -325,12 +423,19 @@ impl LogStore {
     pub fn new(backend: Arc<dyn Backend>) -> Self {
         let overlay: Overlay = Arc::default();
         let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(HintShared::default());
         let (b, o) = (backend.clone(), overlay.clone());
+        let hint = Hint {
+            shared: shared.clone(),
+            written: None,
+            due: None,
+            durable_last: None,
+        };
         // A plain thread: it blocks in fsync, and must keep running while
         // the async runtime is busy.
         let spawned = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(b, o, rx));
+            .spawn(move || write_loop(b, o, rx, hint));
         if let Err(e) = spawned {
             // Without a writer every mutation fails with a clear error
             // (the receiver is gone), and Raft stops on the storage error.
@@ -340,7 +445,7 @@ impl LogStore {
             backend,
             overlay,
             writer: Arc::new(Mutex::new(tx)),
-            committed: Arc::default(),
+            hint: shared,
         }
     }
 
@@ -355,10 +460,20 @@ impl LogStore {
         raw.map(|r| decode_log_id(&r)).transpose()
     }
 
-    /// A mutation through the writer, after every earlier one.
-    async fn commit_ordered(&self, batch: WriteBatch, lazy: bool) -> io::Result<()> {
+    /// A durable mutation through the writer, after every earlier one.
+    /// `log_end`: see [`Job::Commit`].
+    async fn commit_ordered(
+        &self,
+        batch: WriteBatch,
+        log_end: Option<Option<u64>>,
+    ) -> io::Result<()> {
         let (done, rx) = tokio::sync::oneshot::channel();
-        if self.send(Job::Commit { batch, lazy, done }).is_err() {
+        let job = Job::Commit {
+            batch,
+            log_end,
+            done,
+        };
+        if self.send(job).is_err() {
             return Err(io::Error::other("the Raft log writer thread is gone"));
         }
         match rx.await {
@@ -368,7 +483,7 @@ impl LogStore {
     }
 
     async fn commit(&self, batch: WriteBatch) -> io::Result<()> {
-        self.commit_ordered(batch, false).await
+        self.commit_ordered(batch, None).await
     }
 }
 
@@ -475,37 +590,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let mut wb = WriteBatch::new();
-        match committed {
-            Some(c) => wb.put(
-                Table::Meta,
-                KEY_COMMITTED,
-                convert::log_id_to_pb(&c).encode_to_vec(),
-            ),
-            None => wb.delete(Table::Meta, KEY_COMMITTED),
-        }
-        // The committed index is a hint for faster recovery; losing the
-        // newest value in a crash is safe, so it rides on the next fsync
-        // instead of costing one of its own. It is queued behind the appends
-        // already submitted (so it never lands on disk ahead of them) but
-        // not awaited: Raft calls this on every commit advance, and waiting
-        // for the writer would put an fsync back on its path.
-        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(committed);
-        let (done, _ignored) = tokio::sync::oneshot::channel();
-        let job = Job::Commit {
-            batch: wb,
-            lazy: true,
-            done,
-        };
-        if self.send(job).is_err() {
+        // The committed index is a hint for faster recovery: the writer puts
+        // it on disk at most every `HINT_EVERY`, riding on an append's
+        // transaction (see `Hint`). Raft calls this on every commit advance,
+        // so it neither waits for the writer nor, while a hint is already
+        // due, wakes it.
+        *self.hint.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(committed);
+        if !self.hint.armed.swap(true, Ordering::SeqCst) && self.send(Job::Hint).is_err() {
             return Err(io::Error::other("the Raft log writer thread is gone"));
         }
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        let saved = *self.committed.lock().unwrap_or_else(|p| p.into_inner());
-        match saved {
+        match self.hint.get() {
             Some(c) => Ok(c),
             None => self.read_meta_log_id(KEY_COMMITTED).await,
         }
@@ -558,7 +656,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         wb.delete_range(Table::Log, index_key(from), None);
         // Awaiting the writer also flushes every earlier append, so
         // nothing it still holds can land after this cut.
-        self.commit(wb).await?;
+        self.commit_ordered(wb, Some(from.checked_sub(1))).await?;
         lock(&self.overlay).truncate_from(from);
         Ok(())
     }

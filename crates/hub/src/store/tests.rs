@@ -20,7 +20,7 @@ use crate::raft::types::{
     Entry, EntryPayload, LeaderId, LogId, RaftCommand, StorageError, TypeConfig, Vote,
 };
 use crate::store::backend::Table;
-use crate::store::log::LAZY_HOLD;
+use crate::store::log::HINT_EVERY;
 use prost::Message;
 
 struct RedbStoreBuilder;
@@ -327,33 +327,63 @@ async fn the_committed_hint_reads_back_at_once_and_reaches_the_store() {
     .unwrap();
     let on_disk = || backend.get(Table::Meta, b"committed").unwrap();
 
-    // The writer may hold it a while: it reads back at once anyway.
-    log.save_committed(Some(log_id(1, 2))).await.unwrap();
-    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
-
-    // The next append carries it (or the hold ran out first).
-    append_acked(&mut log, vec![cmd_entry(4, revoke("y"))])
-        .await
-        .unwrap();
-    assert!(on_disk().is_some());
-
-    // With nothing to ride on, it is written alone after the hold (polled
-    // with a generous deadline: a loaded machine may run the writer late).
-    log.save_committed(Some(log_id(1, 4))).await.unwrap();
     let decode = |raw: Vec<u8>| {
         crate::raft::convert::log_id_from_pb(pb::LogId::decode(raw.as_slice()).unwrap()).unwrap()
     };
-    let deadline = tokio::time::Instant::now() + LAZY_HOLD * 100;
-    loop {
-        if on_disk().map(decode) == Some(log_id(1, 4)) {
-            break;
+    // Polled with a generous deadline: a loaded machine may run the writer
+    // late.
+    let reaches_disk = |want: LogId| async move {
+        let deadline = tokio::time::Instant::now() + HINT_EVERY * 100;
+        while on_disk().map(decode) != Some(want) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hint {want} never reached the store"
+            );
+            tokio::time::sleep(HINT_EVERY / 4).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the held hint never reached the store"
-        );
-        tokio::time::sleep(LAZY_HOLD).await;
-    }
+    };
+
+    // The writer may wait a while: it reads back at once anyway.
+    log.save_committed(Some(log_id(1, 2))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+    // With no append to ride on, it is written alone.
+    reaches_disk(log_id(1, 2)).await;
+
+    // A hint past the durable log (Raft commits once a quorum of other
+    // nodes has the entry) waits for its entries: on disk it would send a
+    // restarted node past the end of its log.
+    log.save_committed(Some(log_id(1, 6))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 6)));
+    tokio::time::sleep(HINT_EVERY * 3).await;
+    assert_eq!(on_disk().map(decode), Some(log_id(1, 2)));
+    append_acked(
+        &mut log,
+        (4..=6)
+            .map(|i| cmd_entry(i, revoke(&format!("y{i}"))))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    reaches_disk(log_id(1, 6)).await;
+
+    // Entries that a truncation removed no longer count: the hint waits
+    // for their replacements.
+    append_acked(
+        &mut log,
+        (7..=8)
+            .map(|i| cmd_entry(i, revoke(&format!("old{i}"))))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    log.truncate_after(Some(log_id(1, 6))).await.unwrap();
+    log.save_committed(Some(log_id(1, 7))).await.unwrap();
+    tokio::time::sleep(HINT_EVERY * 3).await;
+    assert_eq!(on_disk().map(decode), Some(log_id(1, 6)));
+    append_acked(&mut log, vec![cmd_entry(7, revoke("z"))])
+        .await
+        .unwrap();
+    reaches_disk(log_id(1, 7)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 mod client;
 mod cmd;
+mod heap;
 mod output;
 
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    heap::limit_arenas();
     let cli = cmd::Cli::parse();
     cmd::init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -155,8 +155,12 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// Page cache of the redb file (bytes).
-pub const REDB_CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// Page cache of the redb file (bytes). redb moves every page it writes
+/// into this cache until the cache is full, so under steady writes it is
+/// all resident within seconds; what the hub reads back (the log B-tree's
+/// spine, the system tables) is a few hundred pages, which an LRU of this
+/// size keeps.
+pub const REDB_CACHE_BYTES: usize = 2 * 1024 * 1024;
 
 /// [`Backend`] over one redb file, every commit with `Durability::Immediate`.
 pub struct RedbBackend {

@@ -8,6 +8,7 @@
 mod apply;
 mod exports;
 mod rtt;
+mod snapshot;
 #[cfg(test)]
 pub(crate) mod testkit;
 mod vip;
@@ -166,11 +167,6 @@ impl State {
         events.sort_by_key(|e| e.index);
         s.events = events.into_iter().collect();
         Ok(s)
-    }
-
-    /// Encodes the snapshot message to bytes.
-    pub fn encode_snapshot(&self) -> Vec<u8> {
-        prost::Message::encode_to_vec(&self.to_snapshot())
     }
 
     /// Decodes bytes written by [`State::encode_snapshot`].

@@ -173,13 +173,12 @@ impl StateMachineStore {
     }
 }
 
-/// Builds a snapshot from a copy of the state taken between two applies.
+/// Builds a snapshot from the state encoded between two applies.
 pub struct SnapshotBuilder {
     sm: StateMachineStore,
-    /// The state as its snapshot message: the copy is made straight into
-    /// the form that is encoded, instead of cloning the whole state first
-    /// (one full copy of the data less at every snapshot).
-    state: pb::StateSnapshot,
+    /// The encoded state: encoded straight from the live state (see
+    /// `State::encode_snapshot`), with no copy of it.
+    data: Vec<u8>,
     applied: Applied,
 }
 
@@ -200,7 +199,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_log_id: self.applied.last_applied,
                 last_membership: self.applied.membership.clone(),
             },
-            snapshot: prost::Message::encode_to_vec(&self.state),
+            snapshot: std::mem::take(&mut self.data),
         };
         self.sm.persist_snapshot(&snap, false).await?;
         super::memory::release_free_heap_soon();
@@ -257,11 +256,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // openraft calls this on the same worker as `apply`, between two
-        // applies, so the copy matches the applied log id exactly.
-        let state = self.read(State::to_snapshot);
+        // applies, so the bytes match the applied log id exactly.
+        let data = self.read(State::encode_snapshot);
         SnapshotBuilder {
             sm: self.clone(),
-            state,
+            data,
             applied: self.applied(),
         }
     }

@@ -170,6 +170,7 @@ proptest! {
             prop_assert_eq!(ra, rb);
         }
         prop_assert_eq!(a.encode_snapshot(), b.encode_snapshot());
+        prop_assert_eq!(a.encode_snapshot(), prost::Message::encode_to_vec(&a.to_snapshot()));
         prop_assert_eq!(State::decode_snapshot(&a.encode_snapshot()).unwrap(), a);
     }
 

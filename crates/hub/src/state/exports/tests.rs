@@ -493,11 +493,35 @@ fn snapshot_round_trip_keeps_everything() {
             rtt("a", "b", 1000),
             remove_pop("a"),
             pop("a", "", "", ""),
+            policy(pb::TrafficPolicy {
+                service: Some(key("shop", "web")),
+                ..Default::default()
+            }),
+            cmd(pb::command::Kind::AddRevocation(pb::AddRevocation {
+                revocation: Some(pb::Revocation {
+                    kind: pb::RevocationKind::Pop as i32,
+                    subject: "z".into(),
+                    at_ms: 5,
+                    reason: "lost".into(),
+                }),
+            })),
+            cmd(pb::command::Kind::SetHubUplink(pb::SetHubUplink {
+                uplink: Some(pb::HubUplink {
+                    node: 2,
+                    addr: "127.0.0.1:7000".into(),
+                }),
+            })),
         ],
     );
+    assert!(!s.policies.is_empty() && !s.revocations.is_empty() && !s.hub_uplinks.is_empty());
     let back = State::decode_snapshot(&s.encode_snapshot()).unwrap();
     assert_eq!(back, s);
     assert_eq!(back.encode_snapshot(), s.encode_snapshot());
+    // Encoded from references, the bytes are prost's own for the message.
+    assert_eq!(
+        s.encode_snapshot(),
+        prost::Message::encode_to_vec(&s.to_snapshot())
+    );
 }
 
 #[test]

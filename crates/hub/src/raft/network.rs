@@ -3,10 +3,14 @@
 //! How a channel to a peer is built (plain HTTP/2 in tests, mTLS in
 //! production) is behind [`ChannelFactory`]; this module caches one lazy
 //! channel per peer address and maps transport failures to the openraft
-//! errors that make replication back off.
+//! errors that make replication back off. A peer that lets
+//! [`ABORT_AFTER_TIMEOUTS`] calls in a row time out gets its connection
+//! aborted (see [`crate::server::conn_abort`]): otherwise every retried
+//! call would strand its request in the stuck connection.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +20,8 @@ use openraft::errors::{NetworkError, ReplicationClosed, Timeout, Unreachable};
 use openraft::network::{stream_append_sequential, RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::RaftNetworkV2;
 use switchyard_proto::pb::raft_client::RaftClient;
-use tonic::transport::{Channel, Endpoint};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
 use super::convert::{self, ConvertError};
@@ -26,6 +31,7 @@ use super::types::{
     SnapshotResponse, StreamAppendResult, StreamingError, TypeConfig, Vote, VoteRequest,
     VoteResponse,
 };
+use crate::server::conn_abort::ConnAbort;
 
 /// Largest Raft message accepted or sent: a whole snapshot travels in one.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
@@ -55,10 +61,11 @@ pub enum ChannelError {
 ///
 /// Implementations should return a lazy channel (`Endpoint::connect_lazy`):
 /// it is created once per peer and reused; connection failures surface on
-/// each RPC, not here.
+/// each RPC, not here. Each connection's I/O must be wrapped with
+/// [`ConnAbort::wrap`] of `abort`.
 pub trait ChannelFactory: Send + Sync + 'static {
-    /// The channel to `addr`.
-    fn channel(&self, addr: &str) -> Result<Channel, ChannelError>;
+    /// The channel to `addr`, its connections ended by `abort`.
+    fn channel(&self, addr: &str, abort: ConnAbort) -> Result<Channel, ChannelError>;
 }
 
 /// Plain-text HTTP/2 channels: for tests and local development only.
@@ -77,17 +84,69 @@ impl Default for PlainChannelFactory {
 }
 
 impl ChannelFactory for PlainChannelFactory {
-    fn channel(&self, addr: &str) -> Result<Channel, ChannelError> {
+    fn channel(&self, addr: &str, abort: ConnAbort) -> Result<Channel, ChannelError> {
         let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
             ChannelError::InvalidAddress {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             }
         })?;
-        Ok(ep
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy())
+        let target = addr.to_string();
+        let timeout = self.connect_timeout;
+        Ok(
+            ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let (target, abort) = (target.clone(), abort.clone());
+                async move {
+                    let tcp = tokio::time::timeout(timeout, TcpStream::connect(target))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
+                    tcp.set_nodelay(true)?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(abort.wrap(tcp)))
+                }
+            })),
+        )
+    }
+}
+
+/// Consecutive timed-out calls after which a peer's connection is aborted:
+/// three RPC deadlines (one heartbeat interval each) without any answer,
+/// which is still less than the election timeout.
+pub const ABORT_AFTER_TIMEOUTS: u32 = 3;
+
+/// A peer's channel and what ends its connections.
+#[derive(Clone)]
+struct PeerChannel {
+    channel: Channel,
+    stalls: Arc<Stalls>,
+}
+
+/// Counts a peer's timed-out calls in a row and aborts its connection at
+/// [`ABORT_AFTER_TIMEOUTS`].
+#[derive(Debug, Default)]
+struct Stalls {
+    abort: ConnAbort,
+    in_a_row: AtomicU32,
+}
+
+impl Stalls {
+    fn observe<T>(&self, res: &Result<T, CallError>) {
+        match res {
+            Ok(_) => self.in_a_row.store(0, Ordering::Relaxed),
+            Err(CallError::Timeout(_)) => {
+                if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= ABORT_AFTER_TIMEOUTS {
+                    self.in_a_row.store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        "a peer hub node let {ABORT_AFTER_TIMEOUTS} calls in a row time out; \
+                         aborting its connection and dialling again"
+                    );
+                    self.abort.abort();
+                }
+            }
+            // A failed connection is redialled anyway.
+            Err(_) => {}
+        }
     }
 }
 
@@ -96,7 +155,7 @@ impl ChannelFactory for PlainChannelFactory {
 pub struct HubNetwork {
     id: NodeId,
     factory: Arc<dyn ChannelFactory>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
 }
 
 impl std::fmt::Debug for HubNetwork {
@@ -117,17 +176,18 @@ impl HubNetwork {
         }
     }
 
-    fn client(&self, addr: &str) -> Result<RaftClient<Channel>, ChannelError> {
+    fn peer_channel(&self, addr: &str) -> Result<PeerChannel, ChannelError> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        let channel = match channels.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.factory.channel(addr)?;
-                channels.insert(addr.to_string(), c.clone());
-                c
-            }
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let stalls = Arc::new(Stalls::default());
+        let c = PeerChannel {
+            channel: self.factory.channel(addr, stalls.abort.clone())?,
+            stalls,
         };
-        Ok(raft_client(channel))
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
     }
 }
 
@@ -142,10 +202,15 @@ impl RaftNetworkFactory<TypeConfig> for HubNetwork {
     type Network = HubPeer;
 
     async fn new_client(&mut self, target: NodeId, node: &HubNode) -> HubPeer {
+        let (client, stalls) = match self.peer_channel(&node.addr) {
+            Ok(c) => (Ok(raft_client(c.channel)), c.stalls),
+            Err(e) => (Err(e.to_string()), Arc::default()),
+        };
         HubPeer {
             id: self.id,
             target,
-            client: self.client(&node.addr).map_err(|e| e.to_string()),
+            client,
+            stalls,
             streaming: true,
         }
     }
@@ -158,6 +223,8 @@ pub struct HubPeer {
     // A setup failure is kept and reported as Unreachable on every call, so
     // openraft backs off instead of the node failing.
     client: Result<RaftClient<Channel>, String>,
+    /// Timed-out calls in a row, shared by every client of the channel.
+    stalls: Arc<Stalls>,
     /// Whether the target serves `StreamAppend`; cleared when it answers
     /// UNIMPLEMENTED (an older node), after which replication uses unary
     /// AppendEntries with it.
@@ -174,6 +241,7 @@ impl std::fmt::Debug for HubPeer {
 }
 
 /// A failed RPC, before it is shaped into the openraft error the caller needs.
+#[derive(Debug, Clone)]
 pub(super) enum CallError {
     Timeout(Duration),
     Unreachable(String),
@@ -216,11 +284,13 @@ impl HubPeer {
             Ok(c) => c.clone(),
             Err(e) => return Err(CallError::Unreachable(e.clone())),
         };
-        match tokio::time::timeout(ttl, f(client)).await {
+        let res = match tokio::time::timeout(ttl, f(client)).await {
             Err(_) => Err(CallError::Timeout(ttl)),
             Ok(Err(status)) => Err(status_error(&status)),
             Ok(Ok(resp)) => Ok(resp.into_inner()),
-        }
+        };
+        self.stalls.observe(&res);
+        res
     }
 
     fn rpc_error(&self, action: RPCTypes, e: CallError) -> RPCError {
@@ -294,10 +364,16 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
                     return Err(self.rpc_error(RPCTypes::AppendEntries, e));
                 }
             };
-            match stream_append::open(client, input, option.hard_ttl()).await {
+            let opened = stream_append::open(client, input, option.hard_ttl()).await;
+            if let Err(OpenError::Call(e)) = &opened {
+                self.stalls.observe::<()>(&Err(e.clone()));
+            }
+            match opened {
                 Ok(replies) => {
                     let (id, target) = (self.id, self.target);
+                    let stalls = self.stalls.clone();
                     let replies = replies.map(move |r| {
+                        stalls.observe(&r);
                         r.map_err(|e| rpc_error(id, target, RPCTypes::AppendEntries, e))
                     });
                     Ok(Box::pin(replies) as BoxStream<'s, _>)
@@ -380,5 +456,71 @@ mod tests {
             .is_err();
         assert!(failed, "an unserved StreamAppend must fail the session");
         assert!(!peer.streaming, "the next session must use unary appends");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_gets_its_connection_aborted() {
+        use tokio::io::AsyncReadExt;
+        use tokio::sync::mpsc;
+
+        // A peer whose TCP is up but which never answers (hung, stopped):
+        // it reads and drops whatever comes, and reports when a
+        // connection ends.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+        let (closed_tx, mut closed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let _ = accepted_tx.send(());
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+
+        let mut net = HubNetwork::new(1, Arc::new(PlainChannelFactory::default()));
+        let mut peer = net.new_client(2, &HubNode::new(addr.to_string())).await;
+        let request = || AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let option = RPCOption::new(Duration::from_millis(100));
+        for i in 1..=ABORT_AFTER_TIMEOUTS {
+            let res = peer.append_entries(request(), option.clone()).await;
+            assert!(
+                matches!(res, Err(RPCError::Timeout(_))),
+                "call {i}: {res:?}"
+            );
+            if i < ABORT_AFTER_TIMEOUTS {
+                assert!(closed.try_recv().is_err(), "aborted after {i} timeouts");
+            }
+        }
+        let patience = Duration::from_secs(10);
+        tokio::time::timeout(patience, accepted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(patience, closed.recv())
+            .await
+            .expect("the stuck connection was never aborted")
+            .unwrap();
+
+        // The next call dials a new connection.
+        let res = peer.append_entries(request(), option).await;
+        assert!(matches!(res, Err(RPCError::Timeout(_))), "{res:?}");
+        tokio::time::timeout(patience, accepted.recv())
+            .await
+            .expect("no new connection after the abort")
+            .unwrap();
+        assert!(
+            closed.try_recv().is_err(),
+            "the new connection was aborted too"
+        );
     }
 }

@@ -129,7 +129,7 @@ impl TestNode {
 
     async fn client(&self) -> pb::raft_client::RaftClient<tonic::transport::Channel> {
         let ch = PlainChannelFactory::default()
-            .channel(&self.addr.to_string())
+            .channel(&self.addr.to_string(), Default::default())
             .unwrap();
         network::raft_client(ch)
     }

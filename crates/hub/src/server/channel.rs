@@ -13,6 +13,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use super::conn_abort::ConnAbort;
+
 /// Name sent in SNI. The server does not route on it; identity is checked
 /// through the SPIFFE ID, not this name.
 pub const SNI_NAME: &str = "switchyard.invalid";
@@ -27,6 +29,16 @@ pub fn tls_channel(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
+    abortable_tls_channel(addr, tls, ConnAbort::default())
+}
+
+/// [`tls_channel`] whose connections `abort` can end (see
+/// [`super::conn_abort`]).
+pub fn abortable_tls_channel(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    abort: ConnAbort,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -35,7 +47,7 @@ pub fn tls_channel(
     let connector = TlsConnector::from(tls);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
-            let connector = connector.clone();
+            let (connector, abort) = (connector.clone(), abort.clone());
             async move {
                 let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
                 let port = uri.port_u16().unwrap_or(443);
@@ -47,7 +59,9 @@ pub fn tls_channel(
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from(SNI_NAME)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
+                // Wrapped before the handshake: an abort also ends a
+                // handshake the peer never answers.
+                let tls = connector.connect(name, abort.wrap(tcp)).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         })),

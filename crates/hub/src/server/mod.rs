@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod authz;
 pub mod channel;
+pub mod conn_abort;
 pub mod http;
 pub mod overview;
 pub mod sessions;
@@ -218,10 +219,16 @@ impl RunningHub {
 struct TlsChannels(Arc<rustls::ClientConfig>);
 
 impl ChannelFactory for TlsChannels {
-    fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, ChannelError> {
-        channel::tls_channel(addr, self.0.clone()).map_err(|e| ChannelError::Setup {
-            addr: addr.to_string(),
-            reason: e.to_string(),
+    fn channel(
+        &self,
+        addr: &str,
+        abort: conn_abort::ConnAbort,
+    ) -> Result<tonic::transport::Channel, ChannelError> {
+        channel::abortable_tls_channel(addr, self.0.clone(), abort).map_err(|e| {
+            ChannelError::Setup {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }
         })
     }
 }

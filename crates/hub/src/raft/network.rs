@@ -414,7 +414,7 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
         option: RPCOption,
     ) -> Result<SnapshotResponse, StreamingError> {
         // The state is small: the snapshot travels whole in one message.
-        let req = convert::install_snapshot_to_pb(&vote, &snapshot);
+        let req = convert::install_snapshot_to_pb(&vote, snapshot);
         let call = self.call(option.hard_ttl(), |mut c| async move {
             c.install_snapshot(req).await
         });
@@ -424,7 +424,13 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
         };
         match res.and_then(|r| convert::snapshot_response_from_pb(r).map_err(decode_error)) {
             Ok(r) => Ok(r),
-            Err(e) => Err(self.streaming_error(e)),
+            Err(e) => {
+                // The request held the whole state, more than once while
+                // encoded; a peer that does not take it gets it again, so
+                // return the freed memory now rather than keep it.
+                crate::store::release_free_heap_soon();
+                Err(self.streaming_error(e))
+            }
         }
     }
 }

@@ -6,7 +6,10 @@
 //! MiB are allocated and freed while the state keeps growing around them,
 //! so glibc's heap cannot shrink from the top and the node's RSS stayed
 //! about 55 MiB higher after its first snapshot (`hub-vs-etcd`, 16
-//! clients). `malloc_trim` also releases free pages inside the heap.
+//! clients). `malloc_trim` also releases free pages inside the heap. A
+//! snapshot that a peer did not take is the same kind of burst (the whole
+//! state, copied into the request and encoded), so the Raft network trims
+//! after one too.
 
 /// Returns free heap pages to the kernel on the blocking pool: a trim walks
 /// the whole heap (milliseconds on a large one), which must not stall a

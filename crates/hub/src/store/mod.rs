@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 pub use backend::{Backend, BackendError, CrashableBackend, RedbBackend};
 pub use log::LogStore;
+pub(crate) use memory::release_free_heap_soon;
 pub use state_machine::{Applied, SnapshotBuilder, StateMachineStore};
 
 /// Opening the stores failed.

@@ -126,6 +126,8 @@ struct PeerChannel {
 /// [`ABORT_AFTER_TIMEOUTS`].
 #[derive(Debug, Default)]
 struct Stalls {
+    /// The peer's address, for the log.
+    addr: String,
     abort: ConnAbort,
     in_a_row: AtomicU32,
 }
@@ -138,6 +140,7 @@ impl Stalls {
                 if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= ABORT_AFTER_TIMEOUTS {
                     self.in_a_row.store(0, Ordering::Relaxed);
                     tracing::warn!(
+                        peer = %self.addr,
                         "a peer hub node let {ABORT_AFTER_TIMEOUTS} calls in a row time out; \
                          aborting its connection and dialling again"
                     );
@@ -181,7 +184,10 @@ impl HubNetwork {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let stalls = Arc::new(Stalls::default());
+        let stalls = Arc::new(Stalls {
+            addr: addr.to_string(),
+            ..Stalls::default()
+        });
         let c = PeerChannel {
             channel: self.factory.channel(addr, stalls.abort.clone())?,
             stalls,

@@ -59,7 +59,8 @@ impl std::fmt::Debug for HubRaft {
 }
 
 /// The hub's Raft timing defaults: heartbeats every 100 ms, elections after
-/// 500–1000 ms of silence, a snapshot every 50,000 applied entries.
+/// 500–1000 ms of silence, a snapshot every 50,000 applied entries, 30 s
+/// for sending one.
 pub fn default_config() -> Result<Config, openraft::ConfigError> {
     Config {
         cluster_name: "switchyard-hub".to_string(),
@@ -71,6 +72,11 @@ pub fn default_config() -> Result<Config, openraft::ConfigError> {
         // snapshot costs disk only.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(50_000),
         max_in_snapshot_log_to_keep: 1000,
+        // A snapshot travels whole in one message (up to 64 MiB), on a
+        // connection of its own: openraft's 200 ms default would cut any
+        // transfer of more than a few MiB over a WAN link, so a follower
+        // that fell behind the purged log could never catch up.
+        install_snapshot_timeout: 30_000,
         // A restarted leader takes office again only through an election.
         // Restored in place, its read index is its persisted committed
         // index, which may lag entries it had already acknowledged: a fully

@@ -110,6 +110,15 @@ impl ChannelFactory for PlainChannelFactory {
     }
 }
 
+/// What a channel to a peer carries.
+#[derive(Clone, Copy)]
+enum ChannelUse {
+    /// Votes, heartbeats and appends.
+    Raft,
+    /// Whole snapshots.
+    Snapshot,
+}
+
 /// Consecutive timed-out calls after which a peer's connection is aborted:
 /// three RPC deadlines (one heartbeat interval each) without any answer,
 /// which is still less than the election timeout.
@@ -122,14 +131,28 @@ struct PeerChannel {
     stalls: Arc<Stalls>,
 }
 
-/// Counts a peer's timed-out calls in a row and aborts its connection at
-/// [`ABORT_AFTER_TIMEOUTS`].
-#[derive(Debug, Default)]
+/// Counts a peer's timed-out calls in a row on one connection and aborts
+/// the connection at `limit`.
+#[derive(Debug)]
 struct Stalls {
     /// The peer's address, for the log.
     addr: String,
+    /// [`ABORT_AFTER_TIMEOUTS`] for heartbeats and appends; 1 for snapshots,
+    /// whose deadline is long and whose request is the whole state.
+    limit: u32,
     abort: ConnAbort,
     in_a_row: AtomicU32,
+}
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Stalls {
+            addr: String::new(),
+            limit: ABORT_AFTER_TIMEOUTS,
+            abort: ConnAbort::default(),
+            in_a_row: AtomicU32::new(0),
+        }
+    }
 }
 
 impl Stalls {
@@ -137,12 +160,13 @@ impl Stalls {
         match res {
             Ok(_) => self.in_a_row.store(0, Ordering::Relaxed),
             Err(CallError::Timeout(_)) => {
-                if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= ABORT_AFTER_TIMEOUTS {
+                if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= self.limit {
                     self.in_a_row.store(0, Ordering::Relaxed);
                     tracing::warn!(
                         peer = %self.addr,
-                        "a peer hub node let {ABORT_AFTER_TIMEOUTS} calls in a row time out; \
-                         aborting its connection and dialling again"
+                        "a peer hub node let {} call(s) in a row time out; \
+                         aborting its connection and dialling again",
+                        self.limit
                     );
                     self.abort.abort();
                 }
@@ -179,20 +203,31 @@ impl HubNetwork {
         }
     }
 
-    fn peer_channel(&self, addr: &str) -> Result<PeerChannel, ChannelError> {
+    /// The channel to `addr` for `use_`: snapshots travel on a connection of
+    /// their own, so a long transfer neither delays heartbeats and appends
+    /// (which would then time out and abort it) nor is cut by their aborts.
+    fn peer_channel(&self, addr: &str, use_: ChannelUse) -> Result<PeerChannel, ChannelError> {
+        let key = match use_ {
+            ChannelUse::Raft => addr.to_string(),
+            ChannelUse::Snapshot => format!("{addr} snapshot"),
+        };
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = channels.get(addr) {
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
         let stalls = Arc::new(Stalls {
             addr: addr.to_string(),
+            limit: match use_ {
+                ChannelUse::Raft => ABORT_AFTER_TIMEOUTS,
+                ChannelUse::Snapshot => 1,
+            },
             ..Stalls::default()
         });
         let c = PeerChannel {
             channel: self.factory.channel(addr, stalls.abort.clone())?,
             stalls,
         };
-        channels.insert(addr.to_string(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 }
@@ -208,15 +243,19 @@ impl RaftNetworkFactory<TypeConfig> for HubNetwork {
     type Network = HubPeer;
 
     async fn new_client(&mut self, target: NodeId, node: &HubNode) -> HubPeer {
-        let (client, stalls) = match self.peer_channel(&node.addr) {
+        let connect = |use_| match self.peer_channel(&node.addr, use_) {
             Ok(c) => (Ok(raft_client(c.channel)), c.stalls),
             Err(e) => (Err(e.to_string()), Arc::default()),
         };
+        let (client, stalls) = connect(ChannelUse::Raft);
+        let (snapshot_client, snapshot_stalls) = connect(ChannelUse::Snapshot);
         HubPeer {
             id: self.id,
             target,
             client,
             stalls,
+            snapshot_client,
+            snapshot_stalls,
             streaming: true,
         }
     }
@@ -231,6 +270,9 @@ pub struct HubPeer {
     client: Result<RaftClient<Channel>, String>,
     /// Timed-out calls in a row, shared by every client of the channel.
     stalls: Arc<Stalls>,
+    /// The client and stalls of the snapshot connection.
+    snapshot_client: Result<RaftClient<Channel>, String>,
+    snapshot_stalls: Arc<Stalls>,
     /// Whether the target serves `StreamAppend`; cleared when it answers
     /// UNIMPLEMENTED (an older node), after which replication uses unary
     /// AppendEntries with it.
@@ -267,6 +309,30 @@ pub(super) fn decode_error(e: ConvertError) -> CallError {
     CallError::Network(format!("malformed response: {e}"))
 }
 
+/// One unary call on `client` within `ttl`, counted in `stalls`.
+async fn call_on<T, F, Fut>(
+    client: &Result<RaftClient<Channel>, String>,
+    stalls: &Stalls,
+    ttl: Duration,
+    f: F,
+) -> Result<T, CallError>
+where
+    F: FnOnce(RaftClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let client = match client {
+        Ok(c) => c.clone(),
+        Err(e) => return Err(CallError::Unreachable(e.clone())),
+    };
+    let res = match tokio::time::timeout(ttl, f(client)).await {
+        Err(_) => Err(CallError::Timeout(ttl)),
+        Ok(Err(status)) => Err(status_error(&status)),
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+    };
+    stalls.observe(&res);
+    res
+}
+
 fn rpc_error(id: NodeId, target: NodeId, action: RPCTypes, e: CallError) -> RPCError {
     match e {
         CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
@@ -286,17 +352,7 @@ impl HubPeer {
         F: FnOnce(RaftClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let client = match &self.client {
-            Ok(c) => c.clone(),
-            Err(e) => return Err(CallError::Unreachable(e.clone())),
-        };
-        let res = match tokio::time::timeout(ttl, f(client)).await {
-            Err(_) => Err(CallError::Timeout(ttl)),
-            Ok(Err(status)) => Err(status_error(&status)),
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-        };
-        self.stalls.observe(&res);
-        res
+        call_on(&self.client, &self.stalls, ttl, f).await
     }
 
     fn rpc_error(&self, action: RPCTypes, e: CallError) -> RPCError {
@@ -419,11 +475,14 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse, StreamingError> {
-        // The state is small: the snapshot travels whole in one message.
+        // The snapshot travels whole in one message.
         let req = convert::install_snapshot_to_pb(&vote, snapshot);
-        let call = self.call(option.hard_ttl(), |mut c| async move {
-            c.install_snapshot(req).await
-        });
+        let call = call_on(
+            &self.snapshot_client,
+            &self.snapshot_stalls,
+            option.hard_ttl(),
+            |mut c| async move { c.install_snapshot(req).await },
+        );
         let res = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             res = call => res,
@@ -470,18 +529,21 @@ mod tests {
         assert!(!peer.streaming, "the next session must use unary appends");
     }
 
-    #[tokio::test]
-    async fn a_peer_that_stops_answering_gets_its_connection_aborted() {
+    /// A peer whose TCP is up but which never answers (hung, stopped): it
+    /// reads and drops whatever comes. Reports each accepted connection,
+    /// and each ended one.
+    async fn silent_peer() -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
         use tokio::io::AsyncReadExt;
         use tokio::sync::mpsc;
 
-        // A peer whose TCP is up but which never answers (hung, stopped):
-        // it reads and drops whatever comes, and reports when a
-        // connection ends.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
-        let (closed_tx, mut closed) = mpsc::unbounded_channel();
+        let (accepted_tx, accepted) = mpsc::unbounded_channel();
+        let (closed_tx, closed) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let _ = accepted_tx.send(());
@@ -493,15 +555,24 @@ mod tests {
                 });
             }
         });
+        (addr, accepted, closed)
+    }
 
-        let mut net = HubNetwork::new(1, Arc::new(PlainChannelFactory::default()));
-        let mut peer = net.new_client(2, &HubNode::new(addr.to_string())).await;
-        let request = || AppendEntriesRequest {
+    fn heartbeat() -> AppendEntriesRequest {
+        AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),
             prev_log_id: None,
             entries: Vec::new(),
             leader_commit: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_gets_its_connection_aborted() {
+        let (addr, mut accepted, mut closed) = silent_peer().await;
+        let mut net = HubNetwork::new(1, Arc::new(PlainChannelFactory::default()));
+        let mut peer = net.new_client(2, &HubNode::new(addr.to_string())).await;
+        let request = heartbeat;
         let option = RPCOption::new(Duration::from_millis(100));
         for i in 1..=ABORT_AFTER_TIMEOUTS {
             let res = peer.append_entries(request(), option.clone()).await;
@@ -533,6 +604,47 @@ mod tests {
         assert!(
             closed.try_recv().is_err(),
             "the new connection was aborted too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_travels_on_its_own_connection_aborted_at_its_first_timeout() {
+        let (addr, mut accepted, mut closed) = silent_peer().await;
+        let patience = Duration::from_secs(10);
+        let mut net = HubNetwork::new(1, Arc::new(PlainChannelFactory::default()));
+        let mut peer = net.new_client(2, &HubNode::new(addr.to_string())).await;
+        let short = RPCOption::new(Duration::from_millis(100));
+
+        // One heartbeat times out: its connection stays (one of three).
+        let res = peer.append_entries(heartbeat(), short.clone()).await;
+        assert!(matches!(res, Err(RPCError::Timeout(_))), "{res:?}");
+        tokio::time::timeout(patience, accepted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+
+        let snapshot = Snapshot {
+            meta: Default::default(),
+            snapshot: vec![7; 4096],
+        };
+        let never = std::future::pending::<ReplicationClosed>();
+        let res = peer
+            .full_snapshot(Vote::new_committed(1, 1), snapshot, never, short)
+            .await;
+        assert!(matches!(res, Err(StreamingError::Timeout(_))), "{res:?}");
+        tokio::time::timeout(patience, accepted.recv())
+            .await
+            .expect("the snapshot did not dial a connection of its own")
+            .unwrap();
+        tokio::time::timeout(patience, closed.recv())
+            .await
+            .expect("the snapshot's connection was not aborted at its timeout")
+            .unwrap();
+        // Only that one: the heartbeat connection is still up.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            closed.try_recv().is_err(),
+            "the heartbeat connection was aborted too"
         );
     }
 }

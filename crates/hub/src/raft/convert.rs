@@ -461,13 +461,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn append_responses_round_trip() {
-        let l = LogId::new(LeaderId::new(3, 1), 9);
-        let v = Vote {
+    /// A log id and a different, committed vote for the answer tests.
+    fn sample_log_id_and_vote() -> (LogId, Vote) {
+        let vote = Vote {
             leader_id: LeaderId::new(4, 2),
             committed: true,
         };
+        (LogId::new(LeaderId::new(3, 1), 9), vote)
+    }
+
+    #[test]
+    fn append_responses_round_trip() {
+        let (l, v) = sample_log_id_and_vote();
         for r in [
             AppendEntriesResponse::Success,
             AppendEntriesResponse::PartialSuccess(Some(l)),
@@ -484,11 +489,7 @@ mod tests {
 
     #[test]
     fn stream_append_replies_round_trip() {
-        let l = LogId::new(LeaderId::new(3, 1), 9);
-        let v = Vote {
-            leader_id: LeaderId::new(4, 2),
-            committed: true,
-        };
+        let (l, v) = sample_log_id_and_vote();
         for r in [
             Ok(Some(l)),
             Ok(None),

@@ -73,6 +73,15 @@ fn cmd_entry(index: u64, c: pb::Command) -> Entry {
     e
 }
 
+/// One revocation entry per index, of subject `{tag}{index}`: entries from
+/// different calls with different tags differ at the same index.
+fn revokes(indexes: impl IntoIterator<Item = u64>, tag: &str) -> Vec<Entry> {
+    indexes
+        .into_iter()
+        .map(|i| cmd_entry(i, revoke(&format!("{tag}{i}"))))
+        .collect()
+}
+
 async fn append_acked(log: &mut LogStore, entries: Vec<Entry>) -> anyhow::Result<()> {
     let (tx, rx) = TypeConfig::oneshot();
     log.append(entries, IOFlushed::signal(tx)).await?;
@@ -93,22 +102,13 @@ async fn acked_writes_survive_crash_and_held_ones_vanish_whole() {
 
     let vote = Vote::new_committed(1, 1);
     log.save_vote(&vote).await.unwrap();
-    append_acked(
-        &mut log,
-        (1..=5)
-            .map(|i| cmd_entry(i, revoke(&format!("s{i}"))))
-            .collect(),
-    )
-    .await
-    .unwrap();
+    append_acked(&mut log, revokes(1..=5, "s")).await.unwrap();
 
     // The next batch stalls before reaching the disk, like an fsync in flight.
     backend.hold();
     let (tx, mut rx) = TypeConfig::oneshot();
     let mut log2 = log.clone();
-    let batch: Vec<Entry> = (6..=50)
-        .map(|i| cmd_entry(i, revoke(&format!("s{i}"))))
-        .collect();
+    let batch = revokes(6..=50, "s");
     // append returns at once (the writer thread does the fsync) and the
     // entries are readable before they are durable, as openraft requires.
     log2.append(batch, IOFlushed::signal(tx)).await.unwrap();
@@ -356,26 +356,12 @@ async fn the_committed_hint_reads_back_at_once_and_reaches_the_store() {
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 6)));
     tokio::time::sleep(HINT_EVERY * 3).await;
     assert_eq!(on_disk().map(decode), Some(log_id(1, 2)));
-    append_acked(
-        &mut log,
-        (4..=6)
-            .map(|i| cmd_entry(i, revoke(&format!("y{i}"))))
-            .collect(),
-    )
-    .await
-    .unwrap();
+    append_acked(&mut log, revokes(4..=6, "y")).await.unwrap();
     reaches_disk(log_id(1, 6)).await;
 
     // Entries that a truncation removed no longer count: the hint waits
     // for their replacements.
-    append_acked(
-        &mut log,
-        (7..=8)
-            .map(|i| cmd_entry(i, revoke(&format!("old{i}"))))
-            .collect(),
-    )
-    .await
-    .unwrap();
+    append_acked(&mut log, revokes(7..=8, "old")).await.unwrap();
     log.truncate_after(Some(log_id(1, 6))).await.unwrap();
     log.save_committed(Some(log_id(1, 7))).await.unwrap();
     tokio::time::sleep(HINT_EVERY * 3).await;
@@ -395,11 +381,9 @@ async fn reads_across_the_kept_entries_and_the_disk_agree() {
     // More entries than memory keeps: the oldest are read from disk only.
     let total = crate::store::log::KEEP_ENTRIES as u64 + 500;
     for chunk in (1..=total).collect::<Vec<_>>().chunks(100) {
-        let entries = chunk
-            .iter()
-            .map(|&i| cmd_entry(i, revoke(&format!("s{i}"))))
-            .collect();
-        append_acked(&mut log, entries).await.unwrap();
+        append_acked(&mut log, revokes(chunk.iter().copied(), "s"))
+            .await
+            .unwrap();
     }
     let indexes = |es: &[Entry]| es.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
     let mid = total / 2;

@@ -20,7 +20,6 @@ use openraft::errors::{NetworkError, ReplicationClosed, Timeout, Unreachable};
 use openraft::network::{stream_append_sequential, RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::RaftNetworkV2;
 use switchyard_proto::pb::raft_client::RaftClient;
-use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
@@ -31,6 +30,7 @@ use super::types::{
     SnapshotResponse, StreamAppendResult, StreamingError, TypeConfig, Vote, VoteRequest,
     VoteResponse,
 };
+use crate::server::channel::dial;
 use crate::server::conn_abort::ConnAbort;
 
 /// Largest Raft message accepted or sent: a whole snapshot travels in one.
@@ -97,12 +97,7 @@ impl ChannelFactory for PlainChannelFactory {
             ep.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                 let (target, abort) = (target.clone(), abort.clone());
                 async move {
-                    let tcp = tokio::time::timeout(timeout, TcpStream::connect(target))
-                        .await
-                        .map_err(|_| {
-                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                        })??;
-                    tcp.set_nodelay(true)?;
+                    let tcp = dial(target, timeout).await?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(abort.wrap(tcp)))
                 }
             })),
@@ -159,20 +154,24 @@ impl Stalls {
     fn observe<T>(&self, res: &Result<T, CallError>) {
         match res {
             Ok(_) => self.in_a_row.store(0, Ordering::Relaxed),
-            Err(CallError::Timeout(_)) => {
-                if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= self.limit {
-                    self.in_a_row.store(0, Ordering::Relaxed);
-                    tracing::warn!(
-                        peer = %self.addr,
-                        "a peer hub node let {} call(s) in a row time out; \
-                         aborting its connection and dialling again",
-                        self.limit
-                    );
-                    self.abort.abort();
-                }
-            }
-            // A failed connection is redialled anyway.
-            Err(_) => {}
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn failed(&self, e: &CallError) {
+        // Other failures end the connection, which is redialled anyway.
+        if !matches!(e, CallError::Timeout(_)) {
+            return;
+        }
+        if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= self.limit {
+            self.in_a_row.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                peer = %self.addr,
+                "a peer hub node let {} call(s) in a row time out; \
+                 aborting its connection and dialling again",
+                self.limit
+            );
+            self.abort.abort();
         }
     }
 }
@@ -289,7 +288,7 @@ impl std::fmt::Debug for HubPeer {
 }
 
 /// A failed RPC, before it is shaped into the openraft error the caller needs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) enum CallError {
     Timeout(Duration),
     Unreachable(String),
@@ -428,7 +427,7 @@ impl RaftNetworkV2<TypeConfig> for HubPeer {
             };
             let opened = stream_append::open(client, input, option.hard_ttl()).await;
             if let Err(OpenError::Call(e)) = &opened {
-                self.stalls.observe::<()>(&Err(e.clone()));
+                self.stalls.failed(e);
             }
             match opened {
                 Ok(replies) => {

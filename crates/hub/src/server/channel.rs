@@ -51,12 +51,7 @@ pub fn abortable_tls_channel(
             async move {
                 let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
                 let port = uri.port_u16().unwrap_or(443);
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                    })??;
-                tcp.set_nodelay(true)?;
+                let tcp = dial((host, port), CONNECT_TIMEOUT).await?;
                 let name = ServerName::try_from(SNI_NAME)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                 // Wrapped before the handshake: an abort also ends a
@@ -66,4 +61,17 @@ pub fn abortable_tls_channel(
             }
         })),
     )
+}
+
+/// TCP to `addr` within `timeout`, with Nagle off (gRPC frames are small
+/// and latency-bound).
+pub async fn dial(
+    addr: impl tokio::net::ToSocketAddrs,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }

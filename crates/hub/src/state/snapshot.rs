@@ -58,14 +58,21 @@ impl State {
                 addr: addr.clone(),
             })
             .collect();
-        let len = if version != 0 {
+        let version_len = if version != 0 {
             uint32::encoded_len(VERSION, &version)
         } else {
             0
-        } + self
-            .federation
-            .as_ref()
-            .map_or(0, |f| message::encoded_len(FEDERATION, f))
+        };
+        let tombstone_len = if self.tombstone_index != 0 {
+            uint64::encoded_len(TOMBSTONE_INDEX, &self.tombstone_index)
+        } else {
+            0
+        };
+        let len = version_len
+            + self
+                .federation
+                .as_ref()
+                .map_or(0, |f| message::encoded_len(FEDERATION, f))
             + repeated_len(POPS, self.pops.values())
             + repeated_len(TOKENS, self.tokens.values())
             + repeated_len(POLICIES, self.policies.values())
@@ -75,11 +82,7 @@ impl State {
             + repeated_len(POP_STATUS, self.pop_status.values())
             + repeated_len(VIPS, self.vips.values())
             + repeated_len(RTTS, self.rtts.values())
-            + if self.tombstone_index != 0 {
-                uint64::encoded_len(TOMBSTONE_INDEX, &self.tombstone_index)
-            } else {
-                0
-            }
+            + tombstone_len
             + repeated_len(HUB_UPLINKS, uplinks.iter())
             + repeated_len(EVENTS, self.events.iter());
 
@@ -104,6 +107,8 @@ impl State {
         }
         put_repeated(HUB_UPLINKS, uplinks.iter(), &mut buf);
         put_repeated(EVENTS, self.events.iter(), &mut buf);
+        // The length pass and the encoding pass list the same fields.
+        debug_assert_eq!(buf.len(), len);
         buf
     }
 }

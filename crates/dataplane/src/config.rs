@@ -25,6 +25,9 @@ pub struct GatewayConfig {
     /// 100 ms). The effective interval adapts: never below 2x the peer's
     /// smoothed RTT, and halved while probes go missing.
     pub probe_interval: Duration,
+    /// Threads that move the bytes of TCP-to-TCP connections (default: one
+    /// per core the process may run on, at most 4; at least 1).
+    pub relay_threads: usize,
 }
 
 impl GatewayConfig {
@@ -43,8 +46,16 @@ impl GatewayConfig {
             identity,
             limits: Limits::default(),
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            relay_threads: default_relay_threads(),
         }
     }
+}
+
+/// One relay thread per core this process may use, at most 4: the edge
+/// machines the gateway runs on are small, and one thread moves several
+/// Gbit/s.
+fn default_relay_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Default base probe interval.

@@ -25,6 +25,9 @@ pub enum GatewayError {
         /// OS error.
         source: std::io::Error,
     },
+    /// The threads that move connection bytes could not start.
+    #[error("cannot start relay threads: {0}")]
+    Relay(std::io::Error),
     /// The configuration is invalid.
     #[error("gateway config: {0}")]
     Config(String),

@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::health::ProbeParams;
+use crate::relay::Relays;
 use crate::stats::Counters;
 use crate::table::{compile, Table};
 use crate::tunnel::Peer;
@@ -90,6 +91,7 @@ pub(crate) struct Shared {
     pub cfg: GatewayConfig,
     pub endpoint: quinn::Endpoint,
     pub counters: Counters,
+    pub relays: Relays,
     pub conn_limit: Arc<Semaphore>,
     pub stream_limit: Arc<Semaphore>,
     identity: Mutex<GatewayIdentity>,
@@ -323,6 +325,9 @@ pub async fn start(
             addr: cfg.tunnel_listen,
             source,
         })?;
+    let counters = Counters::default();
+    let relays =
+        Relays::start(cfg.relay_threads, counters.bytes.clone()).map_err(GatewayError::Relay)?;
     let shared = Arc::new(Shared {
         conn_limit: Arc::new(Semaphore::new(
             cfg.limits.max_connections.min(Semaphore::MAX_PERMITS),
@@ -333,7 +338,8 @@ pub async fn start(
         identity: Mutex::new(cfg.identity.clone()),
         cfg,
         endpoint,
-        counters: Counters::default(),
+        counters,
+        relays,
         table: watch::channel(Arc::new(Table::default())).0,
         peers: Mutex::new(HashMap::new()),
         listeners: Mutex::new(Vec::new()),

@@ -77,9 +77,13 @@ mod gateway;
 pub mod header;
 pub mod health;
 mod listener;
+mod relay;
 mod service;
+mod splice;
 mod stats;
 pub mod table;
+#[cfg(test)]
+mod test_sockets;
 pub mod tls;
 mod tunnel;
 

@@ -136,8 +136,8 @@ async fn serve_client(
         buffer: limits.buffer_size,
         idle: limits.idle_timeout,
         cut,
-        up: &shared.counters.bytes_up,
-        down: &shared.counters.bytes_down,
+        up: &shared.counters.bytes.up,
+        down: &shared.counters.bytes.down,
     };
     let outcome = match upstream {
         Upstream::Tcp(_) => Outcome::Local,
@@ -145,7 +145,7 @@ async fn serve_client(
     };
     shared.counters.connection(service, Some(tier), outcome);
     let (end, up, down) = match upstream {
-        Upstream::Tcp(s) => copy.tcp_tcp(client, s).await,
+        Upstream::Tcp(s) => copy.tcp_tcp(&shared.relays, client, s).await,
         Upstream::Tunnel(send, recv) => copy.tcp_quic(client, send, recv).await,
     };
     shared.counters.bytes(service, up, down);

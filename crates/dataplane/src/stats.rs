@@ -2,6 +2,7 @@
 //! recorder the process installed, e.g. the Prometheus exporter).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::{ServiceKey, Stats};
 
@@ -40,6 +41,15 @@ impl Outcome {
     }
 }
 
+/// Gateway-wide byte totals, shared with the relay threads.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Bytes from clients to upstreams.
+    pub up: AtomicU64,
+    /// Bytes from upstreams to clients.
+    pub down: AtomicU64,
+}
+
 /// Live counters.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -50,8 +60,7 @@ pub struct Counters {
     pub local_failovers: AtomicU64,
     pub tunnel_streams_served: AtomicU64,
     pub tunnel_streams_refused: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
+    pub bytes: Arc<Totals>,
 }
 
 impl Counters {
@@ -65,8 +74,8 @@ impl Counters {
             local_failovers: self.local_failovers.load(Relaxed),
             tunnel_streams_served: self.tunnel_streams_served.load(Relaxed),
             tunnel_streams_refused: self.tunnel_streams_refused.load(Relaxed),
-            bytes_up: self.bytes_up.load(Relaxed),
-            bytes_down: self.bytes_down.load(Relaxed),
+            bytes_up: self.bytes.up.load(Relaxed),
+            bytes_down: self.bytes.down.load(Relaxed),
         }
     }
 

@@ -429,8 +429,8 @@ async fn serve_stream(
         cut: shared.shutdown_rx(),
         // Here the TCP side is the service: its bytes go down to the
         // caller.
-        up: &shared.counters.bytes_down,
-        down: &shared.counters.bytes_up,
+        up: &shared.counters.bytes.down,
+        down: &shared.counters.bytes.up,
     };
     let (end, _, _) = copy.tcp_quic(upstream, send, recv).await;
     if let End::Io(e) = end {

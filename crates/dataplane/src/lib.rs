@@ -42,8 +42,10 @@
 //!   endpoint's own port (the service port if that is 0); with several
 //!   ports, on the requested service port.
 //! - **Copying**: both directions at once, half-close passed on, idle
-//!   timeout, `splice(2)` for bulk TCP-to-TCP transfers, no buffer held by
-//!   a quiet connection.
+//!   timeout. TCP-to-TCP connections move on relay threads of their own
+//!   (an edge-triggered epoll loop each, `splice(2)` for bulk transfers);
+//!   TCP-to-tunnel copies run in the connection's task and hold no buffer
+//!   while quiet.
 //! - **Tunnels**: one QUIC connection per peer POP gateway, mutual TLS with
 //!   gateway identities (`spiffe://D/pop/<pop>/gw/<instance>`, ALPN
 //!   [`tls::ALPN`]); one bi-stream per proxied connection, opened with a

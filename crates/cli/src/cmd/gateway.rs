@@ -57,6 +57,10 @@ pub struct GatewayOpts {
     /// Base interval between health probes of peer gateways.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
+    /// Threads that move the bytes of connections to local endpoints
+    /// (default: one per core this process may use, at most 4).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub relay_threads: Option<u16>,
 }
 
 fn parse_vip_bind(s: &str) -> Result<VipBind, String> {
@@ -253,6 +257,9 @@ pub async fn start(
     );
     cfg.vip_bind = opts.vip_bind.clone();
     cfg.probe_interval = opts.probe_interval;
+    if let Some(n) = opts.relay_threads {
+        cfg.relay_threads = usize::from(n);
+    }
     let running = Arc::new(
         dataplane::start(cfg, view)
             .await
@@ -561,6 +568,7 @@ mod tests {
             advertise: None,
             vip_bind: VipBind::Ephemeral(loopback.ip()),
             probe_interval: Duration::from_millis(100),
+            relay_threads: Some(1),
         };
         let ready = dir.path().join("ready.json");
         let gw = start(

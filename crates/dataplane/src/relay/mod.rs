@@ -207,11 +207,8 @@ fn run(mut poll: mio::Poll, rx: mpsc::Receiver<Msg>, totals: &Totals) {
             if ev.token() == WAKER {
                 loop {
                     match rx.try_recv() {
-                        Ok(Msg::Add(job)) => {
-                            if let Some(slot) = slab.add(&poll, *job) {
-                                slab.drive(&poll, slot, totals);
-                            }
-                        }
+                        // Its first events come with the next poll.
+                        Ok(Msg::Add(job)) => slab.add(&poll, *job),
                         Ok(Msg::Close(id)) => {
                             if let Some(slot) = slab.ids.get(&id).copied() {
                                 slab.remove(&poll, slot);
@@ -236,9 +233,8 @@ fn run(mut poll: mio::Poll, rx: mpsc::Receiver<Msg>, totals: &Totals) {
 }
 
 impl Slab {
-    /// Registers a new pair; its slot, or None if it could not be
-    /// registered (its task is told why).
-    fn add(&mut self, poll: &mio::Poll, job: Job) -> Option<usize> {
+    /// Registers a new pair (or tells its task why it could not).
+    fn add(&mut self, poll: &mio::Poll, job: Job) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -259,7 +255,7 @@ impl Slab {
         if let Err(e) = res {
             let _ = job.done.send(Err(e));
             self.free.push(slot);
-            return None;
+            return;
         }
         if self.buf.len() < job.size {
             self.buf.resize(job.size, 0);
@@ -270,7 +266,6 @@ impl Slab {
             pair: Pair::new(socks, job.size, job.act),
             done: job.done,
         });
-        Some(slot)
     }
 
     /// Moves what can move in one pair; ends it when it is over.
@@ -343,11 +338,22 @@ mod tests {
     async fn bytes_cross_both_ways_and_each_half_close_is_passed_on() {
         let totals = Arc::new(Totals::default());
         let relays = Relays::start(1, totals.clone()).unwrap();
-        let (mut client, mut upstream, lease, act) = relayed(&relays, 1024).await;
+        let (mut client, client_gw) = pair().await;
+        let (upstream_gw, mut upstream) = pair().await;
+        // Bytes and FIN wait together before the pair is relayed: its
+        // first event reports both, and the EOF is behind a short read.
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
+        let act = Arc::new(Activity::new());
+        let lease = relays
+            .submit(client_gw, upstream_gw, 1024, act.clone())
+            .unwrap();
         let mut got = Vec::new();
-        upstream.read_to_end(&mut got).await.unwrap();
+        // A lost EOF would hang here: fail instead.
+        tokio::time::timeout(Duration::from_secs(20), upstream.read_to_end(&mut got))
+            .await
+            .expect("the client's EOF never reached the upstream")
+            .unwrap();
         assert_eq!(got, b"request");
         // The client's half-close did not close the way back.
         upstream.write_all(b"response").await.unwrap();

@@ -73,8 +73,8 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// A pair that assumes both sockets ready until the kernel says
-    /// otherwise (bytes may have arrived before registration).
+    /// A pair that waits for its first events: registering a socket
+    /// reports what it is ready for already (bytes that came before).
     pub fn new(socks: [TcpStream; 2], size: usize, act: Arc<Activity>) -> Self {
         let dir = || Dir {
             pending: Pending::None,
@@ -83,8 +83,8 @@ impl Pair {
         };
         Self {
             socks,
-            readable: [true; 2],
-            writable: [true; 2],
+            readable: [false; 2],
+            writable: [false; 2],
             hung_up: [false; 2],
             dirs: [dir(), dir()],
             size: size.max(1),

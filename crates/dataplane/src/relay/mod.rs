@@ -10,6 +10,7 @@
 //! watches those and tells its relay thread to close the pair).
 
 mod pair;
+mod sys;
 
 use std::collections::HashMap;
 use std::io;

@@ -5,13 +5,14 @@
 //! it: a flag is cleared only when the kernel said so (`WouldBlock`, a
 //! short read, a short write), and then the next event sets it again.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use mio::net::TcpStream;
 
+use super::sys;
 use crate::copy::Activity;
 use crate::splice::Pipe;
 use crate::stats::Totals;
@@ -163,7 +164,7 @@ impl Pair {
             return Ok(n);
         }
         let size = self.size.min(buf.len());
-        let n = retry(|| (&self.socks[d]).read(&mut buf[..size]))?;
+        let n = retry(|| sys::recv(&self.socks[d], &mut buf[..size]))?;
         if n == 0 {
             return Ok(0);
         }
@@ -181,7 +182,7 @@ impl Pair {
         }
         let mut at = 0;
         if self.writable[to] {
-            at = match retry(|| (&self.socks[to]).write(&buf[..n])) {
+            at = match retry(|| sys::send(&self.socks[to], &buf[..n])) {
                 Ok(k) => k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err(e),
@@ -210,7 +211,7 @@ impl Pair {
             return Ok(false);
         }
         let res = retry(|| match &dir.pending {
-            Pending::Buf { buf, at } => (&self.socks[to]).write(&buf[*at..]),
+            Pending::Buf { buf, at } => sys::send(&self.socks[to], &buf[*at..]),
             Pending::Pipe(n) => match &dir.pipe {
                 Some(p) => p.drain_to(&self.socks[to], *n),
                 None => Err(io::Error::other("bulk pipe missing")),

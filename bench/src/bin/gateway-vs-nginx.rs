@@ -339,11 +339,16 @@ fn haproxy(env: &Env, name: &str, body: &str) -> Result<ServerProc> {
 
 // ----------------------------------------------------------------- load --
 
-/// wrk against `addr`: total requests.
-fn wrk(env: &Env, addr: SocketAddr, secs: u64, conns: usize) -> Result<u64> {
+/// wrk against `addr`: total requests and the p99 latency (µs).
+fn wrk(env: &Env, addr: SocketAddr, secs: u64, conns: usize) -> Result<(u64, f64)> {
     let out = env
         .pinned(env.load, "wrk")
-        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .args([
+            "--latency",
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+        ])
         .arg(format!("http://{addr}/"))
         .output()
         .context("run wrk")?;
@@ -360,7 +365,27 @@ fn wrk(env: &Env, addr: SocketAddr, secs: u64, conns: usize) -> Result<u64> {
     if text.contains("Non-2xx") || text.contains("Socket errors") {
         eprintln!("wrk reported errors against {addr}:\n{text}");
     }
-    Ok(n)
+    // "     99%    1.23ms" in the latency distribution.
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%").map(str::trim))
+        .and_then(wrk_duration_us)
+        .ok_or_else(|| anyhow!("no p99 latency in wrk output: {text}"))?;
+    Ok((n, p99))
+}
+
+/// A wrk duration (`250.00us`, `1.23ms`, `2.00s`) in µs.
+fn wrk_duration_us(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60e6)
+    } else {
+        (s.strip_suffix('s')?, 1e6)
+    };
+    num.parse::<f64>().ok().map(|v| v * scale)
 }
 
 /// iperf3 one stream against `addr`: Gbit/s received.
@@ -386,6 +411,8 @@ struct L4Result {
     requests_per_s: f64,
     proxy_cpu_s: f64,
     requests_per_cpu_s: f64,
+    /// wrk's p99 request latency (µs).
+    p99_latency_us: f64,
     gbit_per_s: f64,
     iperf_proxy_cpu_s: f64,
     gbit_per_cpu_s: f64,
@@ -403,7 +430,7 @@ fn measure_l4(
     // Warm-up, then measure.
     wrk(env, http, 1, conns)?;
     let c0 = cpu_seconds(pid)?;
-    let requests = wrk(env, http, secs, conns)?;
+    let (requests, p99_latency_us) = wrk(env, http, secs, conns)?;
     let c1 = cpu_seconds(pid)?;
     let g0 = cpu_seconds(pid)?;
     let gbit = iperf(env, tcp, secs)?;
@@ -414,13 +441,19 @@ fn measure_l4(
         requests_per_s: requests as f64 / secs as f64,
         proxy_cpu_s: c1 - c0,
         requests_per_cpu_s: requests as f64 / (c1 - c0).max(0.01),
+        p99_latency_us,
         gbit_per_s: gbit,
         iperf_proxy_cpu_s: g1 - g0,
         gbit_per_cpu_s: gbit * secs as f64 / (g1 - g0).max(0.01),
     };
     println!(
-        "  {:<14} {:>9.0} req/s  {:>9.0} req/CPU-s  | {:>6.2} Gbit/s  {:>6.2} Gbit/CPU-s",
-        r.system, r.requests_per_s, r.requests_per_cpu_s, r.gbit_per_s, r.gbit_per_cpu_s
+        "  {:<14} {:>9.0} req/s  {:>9.0} req/CPU-s  p99 {:>7.0} us  | {:>6.2} Gbit/s  {:>6.2} Gbit/CPU-s",
+        r.system,
+        r.requests_per_s,
+        r.requests_per_cpu_s,
+        r.p99_latency_us,
+        r.gbit_per_s,
+        r.gbit_per_cpu_s
     );
     Ok(r)
 }
@@ -867,4 +900,18 @@ async fn main() -> Result<()> {
         write_json(p, &report)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrk_duration_us;
+
+    #[test]
+    fn wrk_durations_in_microseconds() {
+        assert_eq!(wrk_duration_us("250.00us"), Some(250.0));
+        assert_eq!(wrk_duration_us("1.50ms"), Some(1500.0));
+        assert_eq!(wrk_duration_us("2.00s"), Some(2e6));
+        assert_eq!(wrk_duration_us("1.00m"), Some(60e6));
+        assert_eq!(wrk_duration_us("fast"), None);
+    }
 }

@@ -339,10 +339,15 @@ fn haproxy(env: &Env, name: &str, body: &str) -> Result<ServerProc> {
 
 // ----------------------------------------------------------------- load --
 
-/// wrk against `addr`: total requests and the p99 latency (µs).
-fn wrk(env: &Env, addr: SocketAddr, secs: u64, conns: usize) -> Result<(u64, f64)> {
-    let out = env
-        .pinned(env.load, "wrk")
+/// wrk against `addr`: total requests and the p99 latency (µs). With
+/// `close`, every request asks for `Connection: close`, so each one is a
+/// new connection through the proxy.
+fn wrk(env: &Env, addr: SocketAddr, secs: u64, conns: usize, close: bool) -> Result<(u64, f64)> {
+    let mut cmd = env.pinned(env.load, "wrk");
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
         .args([
             "--latency",
             "-t1",
@@ -413,6 +418,8 @@ struct L4Result {
     requests_per_cpu_s: f64,
     /// wrk's p99 request latency (µs).
     p99_latency_us: f64,
+    /// Requests per proxy CPU-second with a new connection each.
+    connections_per_cpu_s: f64,
     gbit_per_s: f64,
     iperf_proxy_cpu_s: f64,
     gbit_per_cpu_s: f64,
@@ -428,10 +435,13 @@ fn measure_l4(
     conns: usize,
 ) -> Result<L4Result> {
     // Warm-up, then measure.
-    wrk(env, http, 1, conns)?;
+    wrk(env, http, 1, conns, false)?;
     let c0 = cpu_seconds(pid)?;
-    let (requests, p99_latency_us) = wrk(env, http, secs, conns)?;
+    let (requests, p99_latency_us) = wrk(env, http, secs, conns, false)?;
     let c1 = cpu_seconds(pid)?;
+    let k0 = cpu_seconds(pid)?;
+    let (connections, _) = wrk(env, http, secs, conns, true)?;
+    let k1 = cpu_seconds(pid)?;
     let g0 = cpu_seconds(pid)?;
     let gbit = iperf(env, tcp, secs)?;
     let g1 = cpu_seconds(pid)?;
@@ -442,16 +452,18 @@ fn measure_l4(
         proxy_cpu_s: c1 - c0,
         requests_per_cpu_s: requests as f64 / (c1 - c0).max(0.01),
         p99_latency_us,
+        connections_per_cpu_s: connections as f64 / (k1 - k0).max(0.01),
         gbit_per_s: gbit,
         iperf_proxy_cpu_s: g1 - g0,
         gbit_per_cpu_s: gbit * secs as f64 / (g1 - g0).max(0.01),
     };
     println!(
-        "  {:<14} {:>9.0} req/s  {:>9.0} req/CPU-s  p99 {:>7.0} us  | {:>6.2} Gbit/s  {:>6.2} Gbit/CPU-s",
+        "  {:<14} {:>9.0} req/s  {:>9.0} req/CPU-s  p99 {:>7.0} us  {:>7.0} conn/CPU-s  | {:>6.2} Gbit/s  {:>6.2} Gbit/CPU-s",
         r.system,
         r.requests_per_s,
         r.requests_per_cpu_s,
         r.p99_latency_us,
+        r.connections_per_cpu_s,
         r.gbit_per_s,
         r.gbit_per_cpu_s
     );

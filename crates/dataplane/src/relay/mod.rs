@@ -212,7 +212,7 @@ fn run(mut poll: mio::Poll, rx: mpsc::Receiver<Msg>, totals: &Totals) {
                         Ok(Msg::Add(job)) => slab.add(&poll, *job),
                         Ok(Msg::Close(id)) => {
                             if let Some(slot) = slab.ids.get(&id).copied() {
-                                slab.remove(&poll, slot);
+                                slab.remove(slot);
                             }
                         }
                         Err(mpsc::TryRecvError::Empty) => break,
@@ -224,11 +224,11 @@ fn run(mut poll: mio::Poll, rx: mpsc::Receiver<Msg>, totals: &Totals) {
             let (slot, side) = (ev.token().0 >> 1, ev.token().0 & 1);
             if let Some(Some(s)) = slab.slots.get_mut(slot) {
                 s.pair.event(side, ev);
-                slab.drive(&poll, slot, totals);
+                slab.drive(slot, totals);
             }
         }
         for slot in later.drain(..) {
-            slab.drive(&poll, slot, totals);
+            slab.drive(slot, totals);
         }
     }
 }
@@ -270,7 +270,7 @@ impl Slab {
     }
 
     /// Moves what can move in one pair; ends it when it is over.
-    fn drive(&mut self, poll: &mio::Poll, slot: usize, totals: &Totals) {
+    fn drive(&mut self, slot: usize, totals: &Totals) {
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return;
         };
@@ -285,17 +285,17 @@ impl Slab {
             Ok(Step::Done) => Ok(()),
             Err(e) => Err(e),
         };
-        if let Some(done) = self.remove(poll, slot) {
+        if let Some(done) = self.remove(slot) {
             let _ = done.send(end);
         }
     }
 
     /// Closes a pair (its sockets); returns how to tell its task.
-    fn remove(&mut self, poll: &mio::Poll, slot: usize) -> Option<oneshot::Sender<io::Result<()>>> {
-        let Slot { id, mut pair, done } = self.slots.get_mut(slot)?.take()?;
-        for sock in &mut pair.socks {
-            let _ = poll.registry().deregister(sock);
-        }
+    fn remove(&mut self, slot: usize) -> Option<oneshot::Sender<io::Result<()>>> {
+        // Closing a socket takes it out of the epoll set (nothing else
+        // holds its descriptor): no deregistration calls.
+        let Slot { id, pair, done } = self.slots.get_mut(slot)?.take()?;
+        drop(pair);
         self.ids.remove(&id);
         self.free.push(slot);
         Some(done)

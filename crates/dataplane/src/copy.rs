@@ -177,11 +177,14 @@ impl Copy<'_> {
     pub async fn tcp_tcp(
         self,
         relays: &Relays,
-        client: TcpStream,
+        client: std::net::TcpStream,
         upstream: TcpStream,
     ) -> (End, u64, u64) {
         let act = Arc::new(Activity::new());
-        let end = match relays.submit(client, upstream, self.buffer, act.clone()) {
+        let submitted = upstream
+            .into_std()
+            .and_then(|upstream| relays.submit(client, upstream, self.buffer, act.clone()));
+        let end = match submitted {
             // Idle or cut: dropping the lease closes the pair.
             Ok(mut lease) => self.run(&act, Pin::new(&mut lease)).await,
             Err(e) => End::Io(e),
@@ -314,8 +317,10 @@ mod tests {
             upstream.write_all(b"ok").await.unwrap();
             b
         };
-        let ((end, n_up, n_down), got) =
-            tokio::join!(copy.tcp_tcp(&relays, client_gw, upstream_gw), peer);
+        let ((end, n_up, n_down), got) = tokio::join!(
+            copy.tcp_tcp(&relays, client_gw.into_std().unwrap(), upstream_gw),
+            peer
+        );
         assert!(matches!(end, End::Idle), "{end:?}");
         assert_eq!(&got, b"hello");
         assert_eq!((n_up, n_down), (5, 2));
@@ -347,7 +352,10 @@ mod tests {
             tokio::task::yield_now().await;
             cut_tx.send(true).unwrap();
         };
-        let ((end, _, _), ()) = tokio::join!(copy.tcp_tcp(&relays, client_gw, upstream_gw), cutter);
+        let ((end, _, _), ()) = tokio::join!(
+            copy.tcp_tcp(&relays, client_gw.into_std().unwrap(), upstream_gw),
+            cutter
+        );
         assert!(matches!(end, End::Cut), "{end:?}");
         // Both sides see the pair closed.
         let mut b = [0u8; 1];

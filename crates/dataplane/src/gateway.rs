@@ -241,7 +241,7 @@ impl Shared {
                     continue;
                 }
             };
-            let bound = listener.local_addr().unwrap_or(addr);
+            let bound = listener.get_ref().local_addr().unwrap_or(addr);
             let (cut, cut_rx) = watch::channel(false);
             let task = tokio::spawn(crate::listener::accept_loop(
                 self.clone(),

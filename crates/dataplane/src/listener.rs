@@ -1,9 +1,11 @@
 //! VIP listeners and the routing of each accepted client connection.
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::copy::{Copy, End};
@@ -13,17 +15,35 @@ use crate::table::{plan, Attempt};
 use crate::tunnel::OpenError;
 use crate::ServiceKey;
 
+/// A bound VIP listener. The sockets it accepts are not registered with
+/// the runtime: a connection to a local endpoint goes to a relay thread,
+/// which registers it there, and a runtime registration would cost two
+/// more `epoll_ctl` calls per connection (add, then remove).
+pub type Listener = AsyncFd<std::net::TcpListener>;
+
+/// Accepts one client, as a non-blocking socket.
+async fn accept(listener: &Listener) -> io::Result<StdTcpStream> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            let (client, _) = accepted?;
+            client.set_nonblocking(true)?;
+            return Ok(client);
+        }
+    }
+}
+
 /// Accepts clients of `service:port` on `listener` until aborted.
 pub async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Listener,
     service: ServiceKey,
     port: u16,
     cut: watch::Receiver<bool>,
 ) {
     loop {
-        let client = match listener.accept().await {
-            Ok((c, _)) => c,
+        let client = match accept(&listener).await {
+            Ok(c) => c,
             Err(e) => {
                 // Out of descriptors or similar: back off a little rather
                 // than spin; the listener stays.
@@ -59,7 +79,7 @@ enum Upstream {
 
 async fn serve_client(
     shared: &Shared,
-    client: TcpStream,
+    client: StdTcpStream,
     service: &ServiceKey,
     port: u16,
     cut: watch::Receiver<bool>,
@@ -146,7 +166,10 @@ async fn serve_client(
     shared.counters.connection(service, Some(tier), outcome);
     let (end, up, down) = match upstream {
         Upstream::Tcp(s) => copy.tcp_tcp(&shared.relays, client, s).await,
-        Upstream::Tunnel(send, recv) => copy.tcp_quic(client, send, recv).await,
+        Upstream::Tunnel(send, recv) => match TcpStream::from_std(client) {
+            Ok(client) => copy.tcp_quic(client, send, recv).await,
+            Err(e) => (End::Io(e), 0, 0),
+        },
     };
     shared.counters.bytes(service, up, down);
     if let End::Io(e) = end {
@@ -155,7 +178,8 @@ async fn serve_client(
 }
 
 /// Binds one VIP listener.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+#[allow(unsafe_code)]
+pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -163,5 +187,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
-    sock.listen(4096)
+    // into_std leaves it non-blocking.
+    let listener = sock.listen(4096)?.into_std()?;
+    // SAFETY: the AsyncFd takes ownership of the std listener, which owns
+    // its descriptor: it stays open and is the same descriptor until the
+    // AsyncFd drops it, and nothing here swaps the listener through
+    // get_mut.
+    unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
 }

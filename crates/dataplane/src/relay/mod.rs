@@ -89,12 +89,13 @@ impl Relays {
         })
     }
 
-    /// Hands a connected pair to a relay thread. `size` is the read size
-    /// (bytes); `act` receives the bytes moved each way.
+    /// Hands a connected pair of non-blocking sockets to a relay thread.
+    /// `size` is the read size (bytes); `act` receives the bytes moved
+    /// each way.
     pub fn submit(
         &self,
-        client: tokio::net::TcpStream,
-        upstream: tokio::net::TcpStream,
+        client: StdTcpStream,
+        upstream: StdTcpStream,
         size: usize,
         act: Arc<Activity>,
     ) -> io::Result<Lease> {
@@ -104,7 +105,7 @@ impl Relays {
         let (done, rx) = oneshot::channel();
         let job = Job {
             id,
-            socks: [client.into_std()?, upstream.into_std()?],
+            socks: [client, upstream],
             size,
             act,
             done,
@@ -323,7 +324,12 @@ mod tests {
         let (upstream_gw, upstream) = pair().await;
         let act = Arc::new(Activity::new());
         let lease = relays
-            .submit(client_gw, upstream_gw, size, act.clone())
+            .submit(
+                client_gw.into_std().unwrap(),
+                upstream_gw.into_std().unwrap(),
+                size,
+                act.clone(),
+            )
             .unwrap();
         (client, upstream, lease, act)
     }
@@ -347,7 +353,12 @@ mod tests {
         client.shutdown().await.unwrap();
         let act = Arc::new(Activity::new());
         let lease = relays
-            .submit(client_gw, upstream_gw, 1024, act.clone())
+            .submit(
+                client_gw.into_std().unwrap(),
+                upstream_gw.into_std().unwrap(),
+                1024,
+                act.clone(),
+            )
             .unwrap();
         let mut got = Vec::new();
         // A lost EOF would hang here: fail instead.

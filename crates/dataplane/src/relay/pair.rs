@@ -61,7 +61,7 @@ pub enum Step {
 
 /// A connection pair and its state.
 pub struct Pair {
-    pub socks: [TcpStream; 2],
+    socks: [TcpStream; 2],
     readable: [bool; 2],
     writable: [bool; 2],
     /// The peer of this side closed its writing (or the socket broke):

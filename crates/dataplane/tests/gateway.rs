@@ -147,7 +147,14 @@ async fn local_endpoints_first_then_retry_on_refused_connect() {
     };
     t.a.set_view(with_local(2, be_a)).await;
     let vip = t.a.vip(&web());
-    assert_eq!(served_by(vip, b"hello").await.unwrap(), "a");
+    // The local tier goes through a relay thread: small requests, and
+    // bulk through splice(2), arrive intact both ways.
+    for n in [0usize, 5, 1000, 3 << 20] {
+        assert_eq!(served_by(vip, &payload(n)).await.unwrap(), "a", "{n} bytes");
+    }
+    let s = t.a.gw.stats();
+    assert_eq!(s.served_local, 4, "{s:?}");
+    assert!(s.bytes_up >= 3 << 20 && s.bytes_down >= 3 << 20, "{s:?}");
     // The local endpoint refuses: the same connection moves on to b.
     t.a.set_view(with_local(3, dead_port().await)).await;
     assert_eq!(t.a.vip(&web()), vip, "listener kept across views");

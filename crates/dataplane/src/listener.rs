@@ -21,14 +21,18 @@ use crate::ServiceKey;
 /// more `epoll_ctl` calls per connection (add, then remove).
 pub type Listener = AsyncFd<std::net::TcpListener>;
 
-/// Accepts one client, as a non-blocking socket.
+/// Accepts one client, as a non-blocking socket. An error is the
+/// listener's (descriptors exhausted and the like); a client that cannot
+/// be made non-blocking is dropped here, without a back-off.
 async fn accept(listener: &Listener) -> io::Result<StdTcpStream> {
     loop {
         let mut ready = listener.readable().await?;
         if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
             let (client, _) = accepted?;
-            client.set_nonblocking(true)?;
-            return Ok(client);
+            match client.set_nonblocking(true) {
+                Ok(()) => return Ok(client),
+                Err(e) => tracing::debug!(error = %e, "accepted client dropped"),
+            }
         }
     }
 }

@@ -293,7 +293,7 @@ mod tests {
     use super::{Copy, End, IdleCheck};
     use crate::relay::Relays;
     use crate::stats::Totals;
-    use crate::test_sockets::pair;
+    use crate::test_sockets::{pair, read_one};
 
     #[tokio::test]
     async fn connection_quiet_after_some_bytes_ends_idle() {
@@ -330,8 +330,8 @@ mod tests {
         let mut b = [0u8; 2];
         client.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ok");
-        // The idle end closed the pair: the client sees EOF.
-        assert_eq!(client.read(&mut b).await.unwrap(), 0);
+        // The idle end closed the pair: the client sees it.
+        assert_eq!(read_one(&mut client).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -358,9 +358,8 @@ mod tests {
         );
         assert!(matches!(end, End::Cut), "{end:?}");
         // Both sides see the pair closed.
-        let mut b = [0u8; 1];
-        assert_eq!(client.read(&mut b).await.unwrap(), 0);
-        assert_eq!(upstream.read(&mut b).await.unwrap(), 0);
+        assert_eq!(read_one(&mut client).await.unwrap(), 0);
+        assert_eq!(read_one(&mut upstream).await.unwrap(), 0);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Sockets for unit tests.
 
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A connected pair of loopback sockets.
@@ -8,4 +11,13 @@ pub async fn pair() -> (TcpStream, TcpStream) {
     let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (b, _) = l.accept().await.unwrap();
     (a, b)
+}
+
+/// One read of at most a byte, bounded in time: a socket its peer should
+/// have closed would otherwise hang the test.
+pub async fn read_one(s: &mut TcpStream) -> std::io::Result<usize> {
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
+        .await
+        .expect("no EOF, reset or byte within 20 s")
 }

@@ -315,13 +315,15 @@ mod tests {
     use super::{Lease, Relays};
     use crate::copy::Activity;
     use crate::stats::Totals;
-    use crate::test_sockets::pair;
+    use crate::test_sockets::{pair, read_one};
 
-    /// A client end and an upstream end whose gateway-side sockets are
-    /// relayed.
-    async fn relayed(relays: &Relays, size: usize) -> (TcpStream, TcpStream, Lease, Arc<Activity>) {
-        let (client, client_gw) = pair().await;
-        let (upstream_gw, upstream) = pair().await;
+    /// Relays the gateway-side sockets of a client and an upstream.
+    fn submit(
+        relays: &Relays,
+        client_gw: TcpStream,
+        upstream_gw: TcpStream,
+        size: usize,
+    ) -> (Lease, Arc<Activity>) {
         let act = Arc::new(Activity::new());
         let lease = relays
             .submit(
@@ -331,6 +333,15 @@ mod tests {
                 act.clone(),
             )
             .unwrap();
+        (lease, act)
+    }
+
+    /// A client end and an upstream end whose gateway-side sockets are
+    /// relayed.
+    async fn relayed(relays: &Relays, size: usize) -> (TcpStream, TcpStream, Lease, Arc<Activity>) {
+        let (client, client_gw) = pair().await;
+        let (upstream_gw, upstream) = pair().await;
+        let (lease, act) = submit(relays, client_gw, upstream_gw, size);
         (client, upstream, lease, act)
     }
 
@@ -351,15 +362,7 @@ mod tests {
         // first event reports both, and the EOF is behind a short read.
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
-        let act = Arc::new(Activity::new());
-        let lease = relays
-            .submit(
-                client_gw.into_std().unwrap(),
-                upstream_gw.into_std().unwrap(),
-                1024,
-                act.clone(),
-            )
-            .unwrap();
+        let (lease, act) = submit(&relays, client_gw, upstream_gw, 1024);
         let mut got = Vec::new();
         // A lost EOF would hang here: fail instead.
         tokio::time::timeout(Duration::from_secs(20), upstream.read_to_end(&mut got))
@@ -472,8 +475,7 @@ mod tests {
         drop(upstream);
         let err = lease.await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-        let mut b = [0u8; 1];
-        assert!(matches!(client.read(&mut b).await, Ok(0) | Err(_)));
+        assert!(matches!(read_one(&mut client).await, Ok(0) | Err(_)));
     }
 
     #[tokio::test]
@@ -484,7 +486,7 @@ mod tests {
         let mut b = [0u8; 1];
         upstream.read_exact(&mut b).await.unwrap();
         drop(lease);
-        assert_eq!(client.read(&mut b).await.unwrap(), 0);
-        assert_eq!(upstream.read(&mut b).await.unwrap(), 0);
+        assert_eq!(read_one(&mut client).await.unwrap(), 0);
+        assert_eq!(read_one(&mut upstream).await.unwrap(), 0);
     }
 }

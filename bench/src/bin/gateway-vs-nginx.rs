@@ -4,8 +4,9 @@
 //! core `--sut-core`, load generators and backends on `--load-core`.
 //!
 //! 1. L4, one proxy hop: small HTTP requests (wrk, keep-alive, to an nginx
-//!    http backend) per proxy CPU-second, and one-stream iperf3 Gbit per
-//!    proxy CPU-second.
+//!    http backend) per proxy CPU-second with wrk's p99 latency; the same
+//!    with `Connection: close` (a new connection per request); and
+//!    one-stream iperf3 Gbit per proxy CPU-second.
 //! 2. Cross-POP path (client, gateway A, QUIC, gateway B, backend):
 //!    iperf3 throughput and added round-trip latency p50/p99.
 //! 3. Local failover: SIGKILL of the serving POP's gateway until the first
